@@ -1,0 +1,93 @@
+"""Seeded dropout masks for the pure-PyTorch LoRA path, kept as 1 bit per element.
+
+Why not ``torch.nn.functional.dropout``: it draws one float per element from the global
+generator (~5 ns/element on a CPU core) and keeps a byte per element for backward. Here the
+mask is drawn as 16-bit integers, four per 64-bit word of a *private* generator keyed by
+``(seed, offset)`` (~1 ns/element), so the same key always gives the same mask no matter what
+else consumed the global RNG, and it is stored packed, 8 elements per byte, for backward.
+
+Bit layout (shared with the CUDA kernels): ``mask`` is ``uint8 [N, ceil(K / 8)]``; bit ``j``
+(least significant first) of byte ``b`` in row ``n`` is 1 when element ``(n, 8 * b + j)`` is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["quantized_drop_probability", "draw_keep_mask", "pack_mask", "unpack_mask", "mask_bytes_per_row"]
+
+_INT16_LEVELS = 1 << 16
+# Multiplying a 64-bit word of eight 0/1 bytes by this gathers byte i into bit 56 + i
+# (all partial products land on distinct bits, so nothing carries into the top byte).
+_GATHER_BYTES = 0x0102040810204080
+
+
+def _as_int64(value: int) -> int:
+    """Reinterpret an unsigned 64-bit constant as the signed value torch's int64 ops expect."""
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+_REPLICATE_BYTE = 0x0101010101010101
+_SELECT_BIT_I_OF_BYTE_I = _as_int64(0x8040201008040201)
+_SEVEN_F = 0x7F7F7F7F7F7F7F7F
+
+
+def quantized_drop_probability(p: float) -> float:
+    """The drop probability the 16-bit draw realises for a requested ``p``.
+
+    A draw ``u`` uniform on the 65,536 int16 values drops the element when it falls in the lowest
+    ``round(p * 65536)`` of them, so the realised probability is that count / 65536 (|error| <=
+    7.7e-6). The kept values are scaled by ``1 / (1 - realised)``, keeping dropout unbiased.
+    """
+    return round(p * _INT16_LEVELS) / _INT16_LEVELS
+
+
+def mask_bytes_per_row(k: int) -> int:
+    """Bytes of packed mask per row of ``k`` elements."""
+    return (k + 7) // 8
+
+
+def _generator_for(rng: torch.Tensor) -> torch.Generator:
+    """A CPU generator keyed by ``rng = int64 [2] (seed, offset)``; different keys, different streams."""
+    seed, offset = (int(v) for v in rng.tolist())
+    # Mix so that neighbouring (seed, offset) pairs give unrelated generator seeds.
+    mixed = (seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 63)
+    return torch.Generator(device="cpu").manual_seed(mixed)
+
+
+def draw_keep_mask(rows: int, cols: int, p: float, rng: torch.Tensor) -> torch.Tensor:
+    """Draw a boolean keep-mask ``bool [rows, cols]`` with drop probability ``quantized(p)``.
+
+    Args:
+        rows, cols: mask shape.
+        p: requested drop probability in (0, 1).
+        rng: ``int64 [2]`` tensor ``(seed, offset)``; same key, same mask.
+    """
+    n = rows * cols
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(generator=_generator_for(rng))
+    draws = words.view(torch.int16)[:n].view(rows, cols)
+    threshold = round(p * _INT16_LEVELS) - (_INT16_LEVELS // 2)
+    return draws >= threshold
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """Pack ``bool [N, K]`` into ``uint8 [N, ceil(K / 8)]`` (layout in the module docstring)."""
+    rows, cols = keep.shape
+    padded_cols = mask_bytes_per_row(cols) * 8
+    if padded_cols != cols or not keep.is_contiguous():
+        padded = torch.zeros(rows, padded_cols, dtype=torch.bool, device=keep.device)
+        padded[:, :cols] = keep
+        keep = padded
+    eight_bytes = keep.view(torch.int64)  # [N, K/8]: each word holds eight 0/1 bytes
+    return ((eight_bytes * _GATHER_BYTES) >> 56).to(torch.uint8)
+
+
+def unpack_mask(mask: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: ``uint8 [N, ceil(K / 8)]`` -> ``bool [N, K]`` (a view when K % 8 == 0)."""
+    words = mask.to(torch.int64) * _REPLICATE_BYTE  # byte i of each word = the packed byte
+    words &= _SELECT_BIT_I_OF_BYTE_I  # byte i keeps only its bit i: 0 or 2**i
+    words += _SEVEN_F  # byte i: bit 7 set iff bit i was set (no carries: max 0x80 + 0x7F)
+    words >>= 7
+    words &= _REPLICATE_BYTE
+    keep = words.view(torch.bool)
+    return keep if keep.shape[1] == cols else keep[:, :cols]

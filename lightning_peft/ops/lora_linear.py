@@ -1,0 +1,246 @@
+"""The LoRA linear op: ``y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ`` behind one ``torch.library`` op.
+
+This module is the only place where LoRA math is chosen per device. The schema lives here in
+Python so the op exists with or without the compiled extension; this file registers the lean
+pure-PyTorch implementation for every device, and ``lightning_peft._C`` (csrc/) adds CUDA
+kernels for the same two ops when it is built.
+
+Two ops, like flash-attention's forward/backward pair, so autograd stays in Python and each
+backend only implements plain tensor-in/tensor-out kernels:
+
+``lightning_peft::lora_linear_forward(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)``
+    -> ``(y, lora_hidden, mask)``
+``lightning_peft::lora_linear_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x)``
+    -> ``(grad_x, grad_a, grad_b)``
+
+Shapes (N = product of x's leading dims, K = in features, D = out features, r = rank):
+    x ``[*, K]``, weight ``[D, K]`` (any strides, e.g. a transposed GPT-2 Conv1D weight),
+    bias ``[D]`` or None, lora_a ``[r, K]``, lora_b ``[D, r]``, rng ``int64 [2]`` = (seed, offset),
+    y ``[*, D]``, lora_hidden ``[N, r]`` = dropout(x) Aᵀ (already divided by the keep probability),
+    mask ``uint8 [N, ceil(K/8)]`` packed keep-bits (``[0]`` when dropout is off),
+    grad_x ``[*, K]`` (``[0]`` when ``compute_grad_x`` is False), grad_a ``[r, K]``, grad_b ``[D, r]``.
+
+What is kept for backward is x (which the frozen base linear would not need), the small
+``lora_hidden`` and the packed mask: never the dropped-out copy of x, never a byte per element.
+Gradients of the frozen ``weight`` / ``bias`` are computed only when they require grad.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_peft.ops.dropout_mask import (
+    draw_keep_mask,
+    mask_bytes_per_row,
+    pack_mask,
+    quantized_drop_probability,
+    unpack_mask,
+)
+
+__all__ = ["lora_linear", "lora_linear_forward", "lora_linear_backward", "forward_pytorch", "backward_pytorch"]
+
+
+def _dropout_active(dropout_p: float, training: bool) -> bool:
+    return training and dropout_p > 0.0
+
+
+def _keep_scale(dropout_p: float) -> float:
+    """1 / realised keep probability (see ``quantized_drop_probability``)."""
+    return 1.0 / (1.0 - quantized_drop_probability(dropout_p))
+
+
+def _check_inputs(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, rng: Tensor, dropout_p: float) -> None:
+    k = x.shape[-1]
+    torch._check(weight.dim() == 2 and weight.shape[1] == k, lambda: f"lora_linear: weight must be [D, K={k}], got {tuple(weight.shape)}")
+    torch._check(lora_a.dim() == 2 and lora_a.shape[1] == k, lambda: f"lora_linear: lora_a must be [r, K={k}], got {tuple(lora_a.shape)}")
+    torch._check(
+        lora_b.dim() == 2 and lora_b.shape[0] == weight.shape[0] and lora_b.shape[1] == lora_a.shape[0],
+        lambda: f"lora_linear: lora_b must be [D, r] = [{weight.shape[0]}, {lora_a.shape[0]}], got {tuple(lora_b.shape)}",
+    )
+    torch._check(rng.dtype == torch.int64 and rng.numel() == 2, lambda: "lora_linear: rng must be an int64 tensor of 2 elements (seed, offset)")
+    torch._check(0.0 <= dropout_p < 1.0, lambda: f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def forward_pytorch(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    rng: Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pure-PyTorch forward: the fallback for every device. Shapes: module docstring."""
+    _check_inputs(x, weight, lora_a, lora_b, rng, dropout_p)
+    k, d = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, k)  # [N, K]
+    y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # [N, D]
+    if _dropout_active(dropout_p, training):
+        keep = draw_keep_mask(x2.shape[0], k, dropout_p, rng).to(x.device)  # [N, K] bool, transient
+        hidden = torch.mm(torch.where(keep, x2, 0.0), lora_a.t())  # [N, r]
+        hidden.mul_(_keep_scale(dropout_p))  # on the small [N, r] tensor, not on x
+        mask = pack_mask(keep)  # [N, ceil(K/8)] uint8
+    else:
+        hidden = torch.mm(x2, lora_a.t())
+        mask = x.new_empty((0,), dtype=torch.uint8)
+    y.addmm_(hidden, lora_b.t(), alpha=scaling)  # accumulate into the base output: no extra [N, D] tensor
+    return y.view(*x.shape[:-1], d), hidden, mask
+
+
+@torch.library.custom_op("lightning_peft::lora_linear_forward", mutates_args=())
+def lora_linear_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    rng: Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Default implementation for all devices; a device kernel registered later takes precedence."""
+    return forward_pytorch(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)
+
+
+@lora_linear_forward.register_fake
+def _lora_linear_forward_fake(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training):
+    _check_inputs(x, weight, lora_a, lora_b, rng, dropout_p)
+    k, d, r = x.shape[-1], weight.shape[0], lora_a.shape[0]
+    n = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], d))
+    hidden = x.new_empty((n, r))
+    if _dropout_active(dropout_p, training):
+        mask = x.new_empty((n, mask_bytes_per_row(k)), dtype=torch.uint8)
+    else:
+        mask = x.new_empty((0,), dtype=torch.uint8)
+    return y, hidden, mask
+
+
+def backward_pytorch(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    lora_hidden: Tensor,
+    mask: Tensor,
+    scaling: float,
+    dropout_p: float,
+    compute_grad_x: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pure-PyTorch backward. ``dropout_p`` is 0 when the forward ran without dropout. Shapes: module docstring."""
+    k, d = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, k)  # [N, K]
+    g2 = grad_y.reshape(-1, d)  # [N, D]
+    grad_b = torch.mm(g2.t(), lora_hidden).mul_(scaling)  # [D, r]
+    if dropout_p > 0.0:
+        keep = unpack_mask(mask, k)  # [N, K] bool, transient
+        d_hidden = torch.mm(g2, lora_b).mul_(scaling * _keep_scale(dropout_p))  # [N, r]
+        grad_a = torch.mm(d_hidden.t(), torch.where(keep, x2, 0.0))  # [r, K]
+        if compute_grad_x:
+            grad_x = torch.mm(g2, weight)  # [N, K]
+            grad_x.add_(torch.where(keep, torch.mm(d_hidden, lora_a), 0.0))
+    else:
+        d_hidden = torch.mm(g2, lora_b).mul_(scaling)
+        grad_a = torch.mm(d_hidden.t(), x2)
+        if compute_grad_x:
+            grad_x = torch.mm(g2, weight).addmm_(d_hidden, lora_a)
+    if not compute_grad_x:
+        grad_x = x.new_empty((0,))
+    return grad_x.view(x.shape) if compute_grad_x else grad_x, grad_a, grad_b
+
+
+@torch.library.custom_op("lightning_peft::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    lora_hidden: Tensor,
+    mask: Tensor,
+    scaling: float,
+    dropout_p: float,
+    compute_grad_x: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Default implementation for all devices; a device kernel registered later takes precedence."""
+    return backward_pytorch(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x)
+
+
+@lora_linear_backward.register_fake
+def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x):
+    grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty((0,))
+    return grad_x, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training = inputs
+    _, hidden, mask = output
+    ctx.mark_non_differentiable(hidden, mask)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, mask)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p if _dropout_active(dropout_p, training) else 0.0
+
+
+def _backward(ctx, grad_y, _grad_hidden, _grad_mask):
+    x, weight, lora_a, lora_b, hidden, mask = ctx.saved_tensors
+    needs_x, needs_w, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
+    grad_y = grad_y.contiguous()
+    grad_x, grad_a, grad_b = torch.ops.lightning_peft.lora_linear_backward(
+        grad_y, x, weight, lora_a, lora_b, hidden, mask, ctx.scaling, ctx.dropout_p, needs_x
+    )
+    # The base weight and bias are frozen in every PEFT setup; if a user unfreezes them
+    # (bias="all" / "lora_only", or a full fine-tune), plain matmuls give their gradients.
+    grad_w = torch.mm(grad_y.reshape(-1, weight.shape[0]).t(), x.reshape(-1, x.shape[-1])) if needs_w else None
+    grad_bias = grad_y.reshape(-1, weight.shape[0]).sum(0) if needs_bias else None
+    return (
+        grad_x if needs_x else None,
+        grad_w,
+        grad_bias,
+        grad_a if needs_a else None,
+        grad_b if needs_b else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+lora_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    *,
+    scaling: float,
+    dropout_p: float,
+    rng: Tensor,
+    training: bool,
+) -> Tensor:
+    """``x Wᵀ + b + scaling · dropout_p(x) Aᵀ Bᵀ``; differentiable in x, A, B (and W, b if they require grad).
+
+    Args:
+        x: ``[*, K]`` input.
+        weight: ``[D, K]`` frozen base weight (any strides).
+        bias: ``[D]`` or None.
+        lora_a: ``[r, K]``; lora_b: ``[D, r]``.
+        scaling: multiplier of the LoRA term (``alpha / r`` or ``alpha / sqrt(r)``).
+        dropout_p: drop probability of the LoRA branch's input, in [0, 1).
+        rng: ``int64 [2]`` (seed, offset) that determines the dropout mask; same key, same mask.
+        training: dropout applies only when True.
+
+    Returns:
+        ``[*, D]`` output.
+    """
+    return torch.ops.lightning_peft.lora_linear_forward(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)[0]
