@@ -1,0 +1,109 @@
+"""Reading and writing adapters in HF peft's directory format, and crash-safe file writes.
+
+A peft adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose
+keys look like ``base_model.model.<module path>.lora_A.weight``. Files are written to a temporary
+name in the same directory and moved into place with ``os.replace``, so a crash mid-write never
+leaves a truncated file where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightning_peft.tuners.config import PeftConfig, config_from_dict
+from lightning_peft.tuners.injection import adapter_state_dict, get_tuner, inject_adapter, load_adapter_state_dict
+
+__all__ = ["save_adapter", "load_adapter", "read_adapter_config", "atomic_write", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then atomically move the result to ``path``.
+
+    The previous file at ``path`` stays intact until the new one is complete and flushed.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_adapter(model: nn.Module, directory: str, config: PeftConfig | None = None) -> None:
+    """Write the adapter of an adapted ``model`` as a peft adapter directory.
+
+    Args:
+        model: the module passed to ``inject_adapter`` (or a ``PeftModel``'s ``base_model``).
+        directory: created if needed.
+        config: defaults to the config the model was adapted with.
+    """
+    tuner = get_tuner(model)
+    if tuner is None:
+        raise ValueError(f"{type(model).__name__} has no adapter to save; adapt it with get_peft_model() first")
+    config = config or tuner.config
+    state = {k: v for k, v in adapter_state_dict(model).items() if k not in set(tuner.adapter_buffer_names(model))}
+    peft_state = {k: v.detach().contiguous().cpu() for k, v in tuner.to_peft_state_dict(model, state).items()}
+    config_dict: dict[str, Any] = dict(config.to_dict(), inference_mode=True)
+    atomic_write(os.path.join(directory, ADAPTER_WEIGHTS_NAME), lambda p: save_file(peft_state, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(directory, ADAPTER_CONFIG_NAME), lambda p: _write_json(p, config_dict))
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+
+
+def read_adapter_config(directory: str) -> PeftConfig:
+    """The config of a peft adapter directory (written by us or by HF peft)."""
+    path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: not an adapter directory (expected {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})")
+    with open(path, encoding="utf-8") as fh:
+        return config_from_dict(json.load(fh))
+
+
+def load_adapter(model: nn.Module, directory: str, *, is_trainable: bool = False) -> PeftConfig:
+    """Inject the adapter stored in ``directory`` into ``model`` and load its weights.
+
+    Args:
+        model: a fresh base model (no adapter yet).
+        directory: a peft adapter directory.
+        is_trainable: keep the adapter trainable (default: inference only, nothing requires grad).
+
+    Returns:
+        The config that was injected. If the weights do not fit, the model is left as it was.
+    """
+    config = read_adapter_config(directory)
+    config.inference_mode = not is_trainable
+    raw = load_file(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
+    tuner = inject_adapter(model, config)
+    try:
+        state = tuner.from_peft_state_dict(model, raw)
+        load_adapter_state_dict(model, {k: v.to(_param_device(model)) for k, v in state.items()})
+    except BaseException:
+        from lightning_peft.tuners.injection import remove_adapter
+
+        remove_adapter(model, restore_requires_grad=True)
+        raise
+    return config
+
+
+def _param_device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters())).device

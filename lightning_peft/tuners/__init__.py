@@ -1,0 +1,32 @@
+"""PEFT methods, each a config + a tuner over the shared injection mechanism."""
+
+from lightning_peft.tuners.config import PeftConfig, config_from_dict
+from lightning_peft.tuners.injection import (
+    AdapterLayer,
+    ModuleReplacementTuner,
+    Tuner,
+    adapter_state_dict,
+    advance_dropout_rng,
+    get_tuner,
+    inject_adapter,
+    load_adapter_state_dict,
+    remove_adapter,
+)
+from lightning_peft.tuners.lora import LoraConfig, LoraLinear, LoraTuner
+
+__all__ = [
+    "PeftConfig",
+    "config_from_dict",
+    "AdapterLayer",
+    "Tuner",
+    "ModuleReplacementTuner",
+    "inject_adapter",
+    "remove_adapter",
+    "get_tuner",
+    "adapter_state_dict",
+    "load_adapter_state_dict",
+    "advance_dropout_rng",
+    "LoraConfig",
+    "LoraLinear",
+    "LoraTuner",
+]
