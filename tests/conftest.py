@@ -1,0 +1,10 @@
+"""Shared pytest setup: offline hub, deterministic threads, tests/ importable as a package root."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))

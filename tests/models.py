@@ -1,0 +1,58 @@
+"""Tiny transformers models built from configs (no hub), shared by the tests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, kv_heads: int = 4) -> LlamaForCausalLM:
+    """2-layer Llama; ``kv_heads < 4`` gives grouped-query attention."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                     vocab_size=VOCAB, max_position_embeddings=64, num_labels=3,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def reference_llama(seed: int = 0) -> LlamaForCausalLM:
+    """The tiny Llama of GUIDE section 6 (the README's numbers)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=4096, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg)
+
+
+MODEL_FACTORIES = {
+    "llama": (tiny_llama, ["q_proj", "v_proj"]),
+    "llama_gqa": (lambda seed=0: tiny_llama(seed, kv_heads=2), ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj"]),
+    "bert": (tiny_bert, ["query", "value", "dense"]),
+}
