@@ -64,7 +64,9 @@ def draw_keep_mask(rows: int, cols: int, p: float, rng: torch.Tensor) -> torch.T
         rng: ``int64 [2]`` tensor ``(seed, offset)``; same key, same mask.
     """
     n = rows * cols
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(generator=_generator_for(rng))
+    # Full int64 range: plain random_() leaves the sign bit 0, which would make every fourth
+    # int16 non-negative and never dropped.
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=_generator_for(rng))
     draws = words.view(torch.int16)[:n].view(rows, cols)
     threshold = round(p * _INT16_LEVELS) - (_INT16_LEVELS // 2)
     return draws >= threshold

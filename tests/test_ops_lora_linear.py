@@ -1,0 +1,174 @@
+"""The LoRA op against a from-scratch float64 recomputation, plus op-registration checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_peft.ops import lora_linear
+from lightning_peft.ops.dropout_mask import draw_keep_mask, pack_mask, quantized_drop_probability, unpack_mask
+
+OP_FWD = torch.ops.lightning_peft.lora_linear_forward.default
+OP_BWD = torch.ops.lightning_peft.lora_linear_backward.default
+
+
+def make_inputs(lead=(3, 5), k=19, d=13, r=4, dtype=torch.float64, bias=True, weight_transposed=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, dtype=dtype, generator=g)
+    if weight_transposed:  # GPT-2 Conv1D stores [in, out]; the op gets a transposed view
+        weight = torch.randn(k, d, dtype=dtype, generator=g).t()
+    else:
+        weight = torch.randn(d, k, dtype=dtype, generator=g)
+    b = torch.randn(d, dtype=dtype, generator=g) if bias else None
+    a = torch.randn(r, k, dtype=dtype, generator=g)
+    bb = torch.randn(d, r, dtype=dtype, generator=g)
+    return x, weight, b, a, bb
+
+
+def reference(x, weight, bias, a, b, scaling, keep, drop_p):
+    """y = x Wᵀ + b + scaling · ((x ∘ keep) / (1 - p)) Aᵀ Bᵀ, all in float64."""
+    xd = x * keep.reshape(x.shape).to(x.dtype) / (1.0 - drop_p)
+    y = x @ weight.t() + scaling * (xd @ a.t()) @ b.t()
+    return y + bias if bias is not None else y
+
+
+@pytest.mark.parametrize("drop_p,training", [(0.0, True), (0.25, True), (0.25, False)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("weight_transposed", [False, True])
+def test_matches_float64_reference(drop_p, training, bias, weight_transposed):
+    x, w, b, a, bb = make_inputs(bias=bias, weight_transposed=weight_transposed)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    bb.requires_grad_(True)
+    rng = torch.tensor([11, 3])
+    y, hidden, mask = OP_FWD(x, w, b, a, bb, rng, 0.7, drop_p, training)
+    active = training and drop_p > 0
+    if active:
+        keep = unpack_mask(mask, x.shape[-1])
+        p_eff = quantized_drop_probability(drop_p)
+    else:
+        assert mask.numel() == 0  # no mask work at p = 0 or in eval
+        keep, p_eff = torch.ones(x.shape[:-1] + (x.shape[-1],), dtype=torch.bool).reshape(-1, x.shape[-1]), 0.0
+    ref = reference(x, w, b, a, bb, 0.7, keep, p_eff)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+    grad_y = torch.randn_like(ref)
+    ours = torch.autograd.grad(lora_linear(x, w, b, a, bb, scaling=0.7, dropout_p=drop_p, rng=rng, training=training), (x, a, bb), grad_y)
+    theirs = torch.autograd.grad(ref, (x, a, bb), grad_y)
+    for g_ours, g_ref in zip(ours, theirs):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_float64_with_dropout():
+    x, w, b, a, bb = make_inputs(lead=(2, 3), k=10, d=7, r=3)
+    w.requires_grad_(True)  # also the (rarely used) base-weight / bias gradients
+    b.requires_grad_(True)
+    rng = torch.tensor([5, 9])
+
+    def f(x, w, b, a, bb):
+        return lora_linear(x, w, b, a, bb, scaling=1.3, dropout_p=0.3, rng=rng, training=True)
+
+    inputs = tuple(t.requires_grad_(True) for t in (x, w, b, a, bb))
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("drop_p,training", [(0.0, True), (0.3, True), (0.3, False)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_forward(drop_p, training, bias):
+    x, w, b, a, bb = make_inputs(dtype=torch.float32, bias=bias)
+    for t in (x, a, bb):
+        t.requires_grad_(True)
+    torch.library.opcheck(OP_FWD, (x, w, b, a, bb, torch.tensor([1, 2]), 0.5, drop_p, training))
+
+
+@pytest.mark.parametrize("drop_p", [0.0, 0.3])
+@pytest.mark.parametrize("compute_grad_x", [True, False])
+def test_opcheck_backward(drop_p, compute_grad_x):
+    x, w, b, a, bb = make_inputs(dtype=torch.float32)
+    y, hidden, mask = OP_FWD(x, w, b, a, bb, torch.tensor([1, 2]), 0.5, drop_p, True)
+    torch.library.opcheck(OP_BWD, (torch.randn_like(y), x, w, a, bb, hidden, mask, 0.5, drop_p, compute_grad_x))
+
+
+def test_rejects_bad_shapes_and_probability():
+    x, w, b, a, bb = make_inputs(dtype=torch.float32)
+    rng = torch.tensor([0, 0])
+    with pytest.raises(RuntimeError, match="lora_a must be"):
+        lora_linear(x, w, b, a[:, :-1], bb, scaling=1.0, dropout_p=0.0, rng=rng, training=True)
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=1.0, rng=rng, training=True)
+
+
+def test_dropout_keep_rate_and_scaling():
+    """Keep rate ≈ 1 - p (binomial 5-sigma bound) and kept values scaled so E[dropout(x)] = x."""
+    p, n, k = 0.1, 4096, 256
+    keep = draw_keep_mask(n, k, p, torch.tensor([123, 0]))
+    rate = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / (n * k))
+    assert abs(rate - (1 - p)) < 5 * sigma + abs(quantized_drop_probability(p) - p)
+    # hidden = dropout(x) @ Aᵀ with A = identity rows: mean of dropout(ones) must be ~1.
+    x = torch.ones(n, k)
+    w = torch.zeros(1, k)
+    a = torch.eye(k)[:4]
+    b = torch.zeros(1, 4)
+    _, hidden, _ = OP_FWD(x, w, None, a, b, torch.tensor([7, 0]), 1.0, p, True)
+    assert abs(hidden.mean().item() - 1.0) < 5 * math.sqrt(p / (1 - p) / hidden.numel())
+
+
+def test_same_key_same_mask_other_key_other_mask():
+    x, w, b, a, bb = make_inputs(dtype=torch.float32, lead=(64,), k=64)
+    masks = {key: OP_FWD(x, w, b, a, bb, torch.tensor(key), 1.0, 0.5, True)[2] for key in [(1, 0), (1, 1), (2, 0)]}
+    again = OP_FWD(x, w, b, a, bb, torch.tensor([1, 0]), 1.0, 0.5, True)[2]
+    assert torch.equal(masks[(1, 0)], again)
+    assert not torch.equal(masks[(1, 0)], masks[(1, 1)])
+    assert not torch.equal(masks[(1, 0)], masks[(2, 0)])
+
+
+def test_global_rng_does_not_change_the_mask():
+    """Masks depend on the (seed, offset) key alone, not on what else consumed the global RNG."""
+    x, w, b, a, bb = make_inputs(dtype=torch.float32)
+    torch.manual_seed(0)
+    first = OP_FWD(x, w, b, a, bb, torch.tensor([4, 4]), 1.0, 0.5, True)[2]
+    torch.rand(1000)
+    second = OP_FWD(x, w, b, a, bb, torch.tensor([4, 4]), 1.0, 0.5, True)[2]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("k", [8, 13, 64, 67])
+def test_pack_unpack_round_trip(k):
+    keep = torch.rand(9, k) > 0.4
+    packed = pack_mask(keep)
+    assert packed.dtype == torch.uint8 and packed.shape == (9, (k + 7) // 8)
+    assert torch.equal(unpack_mask(packed, k), keep)
+    # bit j of byte b is element 8b + j (the layout the CUDA kernels share)
+    for col in (0, k - 1):
+        assert torch.equal(((packed[:, col // 8] >> (col % 8)) & 1).bool(), keep[:, col])
+
+
+def test_saved_for_backward_is_x_plus_bits():
+    """Backward keeps x, the small [N, r] hidden and a 1-bit mask: no dropped-out copy of x, no byte mask."""
+    x, w, b, a, bb = make_inputs(dtype=torch.float32, lead=(32,), k=64, d=48, r=4)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    bb.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=0.1, rng=torch.tensor([0, 0]), training=True)
+    n, k = 32, 64
+    big = [t for t in saved if t.numel() >= n * k and t.data_ptr() != x.data_ptr()]
+    assert big == [] or all(t.data_ptr() in (w.data_ptr(),) for t in big)
+    masks = [t for t in saved if t.dtype == torch.uint8]
+    assert len(masks) == 1 and masks[0].numel() == n * k // 8
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)
+
+
+def test_half_precision_inputs_run():
+    x, w, b, a, bb = make_inputs(dtype=torch.bfloat16)
+    y = lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=0.1, rng=torch.tensor([0, 0]), training=True)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 5, 13)
