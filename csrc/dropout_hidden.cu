@@ -1,0 +1,239 @@
+// Forward pass over x with dropout, in one read of x:
+//   mask bits  = Philox(seed, offset, n, k/8) >= p16            (written, 1 bit per element)
+//   hidden     = keep_scale * (x ∘ keep) · Aᵀ                    ([N, r], fp32 accumulation)
+// x ∘ keep only ever exists as a 64 x 64 tile in shared memory.
+//
+// Grid: (ceil(N/64) row tiles) x (K splits). A block walks its K range in 64-column chunks and
+// leaves a [64, R] fp32 partial in a workspace; reduce_splits sums the partials in a fixed order
+// (deterministic, unlike atomics) and applies keep_scale. Splitting K keeps ~4 blocks per SM busy
+// even when N/64 is below the SM count.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "lora_kernels.h"
+#include "philox.cuh"
+#include "tile_common.cuh"
+
+namespace lightning_peft_cuda {
+namespace {
+
+template <typename raw_t, int RF> struct HiddenSmem {
+  static constexpr int kRank = 16 * RF;
+  static constexpr int kLdx = padded_ld<raw_t>(kTileCols);
+  static constexpr size_t kXsBytes = smem_align(sizeof(raw_t) * kTileRows * kLdx);  // masked x tile [64][kLdx]
+  static constexpr size_t kAsBytes = smem_align(sizeof(raw_t) * kRank * kLdx);      // A chunk [R][kLdx]
+  static constexpr size_t kBytes = kXsBytes + kAsBytes;
+};
+
+// hidden_tile[64, R] += Xs[64, 64] · As[R, 64]ᵀ, on tensor cores or FMAs.
+template <typename raw_t, int RF, bool kTensorCores> struct HiddenAccumulator;
+
+template <typename raw_t, int RF> struct HiddenAccumulator<raw_t, RF, true> {
+  // Warp w owns rows [16w, 16w + 16) and all R columns: RF accumulator fragments.
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[RF];
+
+  __device__ void init() {
+#pragma unroll
+    for (int f = 0; f < RF; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
+  }
+
+  __device__ void tile(const raw_t* xs, const raw_t* as, int ldx) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32;
+#pragma unroll
+    for (int kk = 0; kk < kTileCols / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, raw_t, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, xs + warp * 16 * ldx + kk * 16, ldx);
+#pragma unroll
+      for (int f = 0; f < RF; ++f) {
+        // Aᵀ chunk [64, R] is As [R, 64] read column-major.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, raw_t, wmma::col_major> fb;
+        wmma::load_matrix_sync(fb, as + f * 16 * ldx + kk * 16, ldx);
+        wmma::mma_sync(acc[f], fa, fb, acc[f]);
+      }
+    }
+  }
+
+  // ws_tile points at row 0 of this block's [64, R] partial (row stride R).
+  __device__ void store(float* ws_tile) {
+    const int warp = threadIdx.x / 32;
+#pragma unroll
+    for (int f = 0; f < RF; ++f)
+      nvcuda::wmma::store_matrix_sync(ws_tile + warp * 16 * (16 * RF) + f * 16, acc[f], 16 * RF, nvcuda::wmma::mem_row_major);
+  }
+};
+
+template <typename raw_t, int RF> struct HiddenAccumulator<raw_t, RF, false> {
+  // Thread t owns row t/2 and half of the R columns; As reads are warp-wide broadcasts.
+  static constexpr int kCols = 16 * RF / 2;
+  float acc[kCols];
+
+  __device__ void init() {
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) acc[j] = 0.0f;
+  }
+
+  __device__ void tile(const raw_t* xs, const raw_t* as, int ldx) {
+    const int row = threadIdx.x >> 1;
+    const int j0 = (threadIdx.x & 1) * kCols;
+    for (int c = 0; c < kTileCols; ++c) {
+      const float xv = to_float(xs[row * ldx + c]);
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) acc[j] += xv * to_float(as[(j0 + j) * ldx + c]);
+    }
+  }
+
+  __device__ void store(float* ws_tile) {
+    const int row = threadIdx.x >> 1;
+    const int j0 = (threadIdx.x & 1) * kCols;
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) ws_tile[row * (16 * RF) + j0 + j] = acc[j];
+  }
+};
+
+static_assert(kThreads == 2 * kTileRows, "the FMA layout gives each row two threads");
+
+/// Mask of the valid bits of the byte covering columns [col, col + 8) of a K-column row.
+__device__ __forceinline__ uint32_t valid_bits(int64_t col, int64_t K) {
+  const int64_t left = K - col;
+  return left >= 8 ? 0xFFu : ((1u << left) - 1u);
+}
+
+template <typename raw_t, int RF>
+__global__ void __launch_bounds__(kThreads)
+    dropout_hidden_kernel(const raw_t* __restrict__ x, int64_t ldx, int64_t N, int64_t K,  //
+                          const raw_t* __restrict__ a, int r, bool vec_ok_x, bool vec_ok_a,  //
+                          const int64_t* __restrict__ rng, uint32_t p16,                     //
+                          uint8_t* __restrict__ mask, int64_t mask_ld,                       //
+                          float* __restrict__ ws, int64_t ws_rows, int64_t cols_per_split) {
+  using Smem = HiddenSmem<raw_t, RF>;
+  constexpr int R = Smem::kRank;
+  constexpr int LDX = Smem::kLdx;
+  extern __shared__ __align__(128) unsigned char smem[];
+  raw_t* xs = reinterpret_cast<raw_t*>(smem);
+  raw_t* as = reinterpret_cast<raw_t*>(smem + Smem::kXsBytes);
+
+  const int tid = threadIdx.x;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * cols_per_split;
+  const int64_t k_end = k_begin + cols_per_split < K ? k_begin + cols_per_split : K;
+  const RngKey key = load_rng_key(rng);
+
+  HiddenAccumulator<raw_t, RF, UseTensorCores<raw_t>::value> acc;
+  acc.init();
+
+  // Registers holding the next chunk: its x vectors and their keep bits. The Philox bits do not
+  // depend on x, so they are computed while the loads are in flight.
+  Vec8<raw_t> next[kVecsPerThread];
+  uint32_t next_bits[kVecsPerThread];
+  auto fetch = [&](int64_t kc) {
+#pragma unroll
+    for (int i = 0; i < kVecsPerThread; ++i) {
+      int row, col8;
+      vec_coords(tid, i, row, col8);
+      const int64_t n = row0 + row;
+      const int64_t col = kc + col8 * 8;
+      next[i] = n < N ? load_vec8(x + n * ldx, col, K, vec_ok_x) : zero_vec<raw_t>();
+    }
+#pragma unroll
+    for (int i = 0; i < kVecsPerThread; ++i) {
+      int row, col8;
+      vec_coords(tid, i, row, col8);
+      const int64_t n = row0 + row;
+      const int64_t col = kc + col8 * 8;
+      next_bits[i] = (n < N && col < K) ? keep_byte(key, static_cast<uint64_t>(n * mask_ld + col / 8), p16) & valid_bits(col, K) : 0u;
+    }
+  };
+
+  if (k_begin < k_end) fetch(k_begin);
+  for (int64_t kc = k_begin; kc < k_end; kc += kTileCols) {
+    // 1. Masked x chunk -> shared memory; keep bits -> the packed mask (one byte per vector).
+#pragma unroll
+    for (int i = 0; i < kVecsPerThread; ++i) {
+      int row, col8;
+      vec_coords(tid, i, row, col8);
+      const int64_t n = row0 + row;
+      const int64_t col = kc + col8 * 8;
+      if (n < N && col < K) mask[n * mask_ld + col / 8] = static_cast<uint8_t>(next_bits[i]);
+      *reinterpret_cast<Vec8<raw_t>*>(xs + row * LDX + col8 * 8) = apply_keep_bits(next[i], next_bits[i]);
+    }
+    // 2. A chunk [R, 64] (rows >= r and columns >= K are zero). A is small and stays in L2.
+    for (int e = tid; e < R * kVecsPerRow; e += kThreads) {
+      const int j = e / kVecsPerRow;
+      const int col8 = e % kVecsPerRow;
+      const Vec8<raw_t> v = j < r ? load_vec8(a + static_cast<int64_t>(j) * K, kc + col8 * 8, K, vec_ok_a) : zero_vec<raw_t>();
+      *reinterpret_cast<Vec8<raw_t>*>(as + j * LDX + col8 * 8) = v;
+    }
+    __syncthreads();
+    if (kc + kTileCols < k_end) fetch(kc + kTileCols);  // next chunk's loads overlap this chunk's math
+    acc.tile(xs, as, LDX);
+    __syncthreads();
+  }
+  acc.store(ws + (static_cast<int64_t>(blockIdx.y) * ws_rows + row0) * R);
+}
+
+template <typename raw_t, int RF>
+void launch_hidden(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& rng, uint32_t p16, at::Tensor& mask,
+                   at::Tensor& ws, int64_t cols_per_split, dim3 grid) {
+  using Smem = HiddenSmem<raw_t, RF>;
+  auto kernel = dropout_hidden_kernel<raw_t, RF>;
+  const size_t smem = Smem::kBytes;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  const int64_t K = x.size(1);
+  const auto* xp = reinterpret_cast<const raw_t*>(x.data_ptr());
+  const auto* ap = reinterpret_cast<const raw_t*>(lora_a.data_ptr());
+  const bool vec_ok_x = K % 8 == 0 && x.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0;
+  const bool vec_ok_a = K % 8 == 0 && reinterpret_cast<uintptr_t>(ap) % 16 == 0;
+  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      xp, x.stride(0), x.size(0), K, ap, static_cast<int>(lora_a.size(0)), vec_ok_x, vec_ok_a, rng.data_ptr<int64_t>(), p16,
+      mask.data_ptr<uint8_t>(), mask.size(1), ws.data_ptr<float>(), ws.size(1), cols_per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void dropout_hidden_forward(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& rng, uint32_t p16,
+                            float keep_scale, at::Tensor& mask, at::Tensor& hidden, bool poison) {
+  const int64_t N = x.size(0), K = x.size(1), r = lora_a.size(0);
+  TORCH_CHECK(r >= 1 && r <= kMaxRank, "lightning_peft CUDA kernels support rank 1..", kMaxRank, ", got ", r);
+  if (N == 0) return;
+  if (K == 0) {
+    hidden.zero_();
+    return;
+  }
+  const int rf = static_cast<int>((r + 15) / 16);
+  const int RF = rf <= 1 ? 1 : rf <= 2 ? 2 : rf <= 4 ? 4 : 8;
+
+  const int64_t row_tiles = (N + kTileRows - 1) / kTileRows;
+  const int64_t chunks = (K + kTileCols - 1) / kTileCols;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t splits = std::min<int64_t>(std::max<int64_t>((4 * sms + row_tiles - 1) / row_tiles, 1), chunks);
+  splits = std::min<int64_t>(splits, 65535);
+  const int64_t chunks_per_split = (chunks + splits - 1) / splits;
+  splits = (chunks + chunks_per_split - 1) / chunks_per_split;
+  TORCH_CHECK(row_tiles <= std::numeric_limits<int32_t>::max(), "lightning_peft: too many rows for one launch");
+
+  at::Tensor ws = at::empty({splits, row_tiles * kTileRows, 16 * RF}, x.options().dtype(at::kFloat));
+  if (poison) ws.fill_(std::numeric_limits<float>::quiet_NaN());
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
+  const int64_t cols_per_split = chunks_per_split * kTileCols;
+
+  dispatch_float_types(x.scalar_type(), "dropout_hidden_forward", [&](auto tag) {
+    using raw_t = typename decltype(tag)::type;
+    switch (RF) {
+      case 1: launch_hidden<raw_t, 1>(x, lora_a, rng, p16, mask, ws, cols_per_split, grid); break;
+      case 2: launch_hidden<raw_t, 2>(x, lora_a, rng, p16, mask, ws, cols_per_split, grid); break;
+      case 4: launch_hidden<raw_t, 4>(x, lora_a, rng, p16, mask, ws, cols_per_split, grid); break;
+      default: launch_hidden<raw_t, 8>(x, lora_a, rng, p16, mask, ws, cols_per_split, grid); break;
+    }
+  });
+  reduce_splits(ws, N, r, keep_scale, hidden);
+}
+
+}  // namespace lightning_peft_cuda

@@ -1,0 +1,200 @@
+// CUDA implementation of the LoRA linear op pair, registered as private ops
+//   lightning_peft_cuda::lora_forward / lora_backward
+// that lightning_peft/ops/cuda_backend.py calls from the CUDA kernel of the public
+// lightning_peft::lora_linear_forward / lora_linear_backward ops (schemas and shapes: see
+// lightning_peft/ops/lora_linear.py). The extra `flags` argument selects debug and A/B variants.
+//
+// Work split: the big GEMMs (x·Wᵀ, dy·W) and the skinny ones of the rank-r factors run on cuBLAS
+// through ATen; the passes over x that need the dropout mask are the fused kernels in the .cu files.
+// The LoRA term is written first and the base GEMM accumulates onto it with beta = 1, so the
+// [N, D] output is written by one GEMM and never read back by a separate pass.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "lora_kernels.h"
+
+namespace lightning_peft_cuda {
+namespace {
+
+using at::Tensor;
+
+// Bits of the `flags` argument.
+constexpr int64_t kFlagPostAdd = 1;  // add the LoRA term after the base GEMM (A/B comparison)
+constexpr int64_t kFlagPoison = 2;   // fill outputs and workspaces with NaN / 0xFF first (tests)
+
+constexpr int kDropLevels = 1 << 16;
+
+/// round(p * 65536) with round-half-to-even, exactly like Python's round() in the CPU path.
+uint32_t drop_threshold(double p) { return static_cast<uint32_t>(std::nearbyint(p * kDropLevels)); }
+
+double keep_scale(uint32_t p16) { return 1.0 / (1.0 - static_cast<double>(p16) / kDropLevels); }
+
+/// x viewed as [N, K] with unit column stride; any row stride is fine (the kernels only read x),
+/// so a copy happens only when no such view exists (e.g. a transposed activation).
+Tensor rows_of(const Tensor& x, int64_t K) {
+  Tensor x2 = x.reshape({-1, K});
+  if (K > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  return x2;
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
+}
+
+Tensor empty_like_rows(int64_t rows, int64_t cols, const Tensor& like, bool poison) {
+  Tensor t = at::empty({rows, cols}, like.options().memory_format(at::MemoryFormat::Contiguous));
+  if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+void check_common(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b) {
+  TORCH_CHECK(x.is_cuda(), "lightning_peft_cuda: x must be a CUDA tensor");
+  TORCH_CHECK(x.dim() >= 1, "lightning_peft_cuda: x must have at least one dimension");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "lightning_peft_cuda: weight must be [D, K]");
+  TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == K, "lightning_peft_cuda: lora_a must be [r, K]");
+  TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(0) == weight.size(0) && lora_b.size(1) == lora_a.size(0),
+              "lightning_peft_cuda: lora_b must be [D, r]");
+  for (const Tensor* t : {&weight, &lora_a, &lora_b}) {
+    TORCH_CHECK(t->device() == x.device(), "lightning_peft_cuda: all tensors must be on ", x.device());
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "lightning_peft_cuda: dtype mismatch: x is ", x.scalar_type(),
+                " but a parameter is ", t->scalar_type(), " (use autocast or cast the module)");
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                                 const Tensor& lora_a, const Tensor& lora_b, const Tensor& rng,
+                                                 double scaling, double dropout_p, bool training, int64_t flags) {
+  check_common(x, weight, lora_a, lora_b);
+  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.numel() == 2, "lightning_peft_cuda: rng must be int64 [2]");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "lightning_peft_cuda: dropout_p must be in [0, 1)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool poison = flags & kFlagPoison;
+  const int64_t K = x.size(-1), D = weight.size(0), r = lora_a.size(0);
+  const Tensor x2 = rows_of(x, K);  // [N, K]
+  const int64_t N = x2.size(0);
+  const Tensor a = lora_a.contiguous();
+
+  Tensor hidden = empty_like_rows(N, r, x, poison);  // [N, r]
+  Tensor mask;
+  if (training && dropout_p > 0.0) {
+    const uint32_t p16 = drop_threshold(dropout_p);
+    mask = at::empty({N, (K + 7) / 8}, x.options().dtype(at::kByte));
+    if (poison) mask.fill_(0xFF);
+    const Tensor rng_dev = rng.device() == x.device() ? rng.contiguous() : rng.to(x.device()).contiguous();
+    dropout_hidden_forward(x2, a, rng_dev, p16, static_cast<float>(keep_scale(p16)), mask, hidden, poison);
+  } else {
+    mask = at::empty({0}, x.options().dtype(at::kByte));
+    at::mm_out(hidden, x2, a.t());  // eval / p == 0: no mask work at all
+  }
+
+  Tensor y = empty_like_rows(N, D, x, poison);  // [N, D]
+  if (flags & kFlagPostAdd) {
+    if (bias.has_value() && bias->defined()) {
+      at::addmm_out(y, *bias, x2, weight.t());
+    } else {
+      at::mm_out(y, x2, weight.t());
+    }
+    y.addmm_(hidden, lora_b.t(), 1.0, scaling);  // reads and writes y once more
+  } else {
+    const Tensor b_scaled = lora_b * scaling;  // [D, r]: folding the scale into B is cheaper than into y
+    if (bias.has_value() && bias->defined()) {
+      at::addmm_out(y, *bias, hidden, b_scaled.t());
+    } else {
+      at::mm_out(y, hidden, b_scaled.t());
+    }
+    y.addmm_(x2, weight.t());  // beta = 1: the base GEMM accumulates onto the LoRA term
+  }
+  return {y.view(with_last(x.sizes(), D)), hidden, mask};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                                                 const Tensor& lora_a, const Tensor& lora_b, const Tensor& lora_hidden,
+                                                 const Tensor& mask, double scaling, double dropout_p, bool compute_grad_x,
+                                                 int64_t flags) {
+  check_common(x, weight, lora_a, lora_b);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool poison = flags & kFlagPoison;
+  const bool post_add = flags & kFlagPostAdd;
+  const int64_t K = x.size(-1), D = weight.size(0), r = lora_a.size(0);
+  const Tensor x2 = rows_of(x, K);                 // [N, K]
+  const Tensor g2 = rows_of(grad_y, D);            // [N, D]
+  const int64_t N = x2.size(0);
+  TORCH_CHECK(g2.size(0) == N, "lightning_peft_cuda: grad_y and x disagree on the number of rows");
+  TORCH_CHECK(lora_hidden.dim() == 2 && lora_hidden.size(0) == N && lora_hidden.size(1) == r,
+              "lightning_peft_cuda: lora_hidden must be [N, r]");
+  const Tensor a = lora_a.contiguous();
+  const bool dropout = dropout_p > 0.0;
+  const uint32_t p16 = dropout ? drop_threshold(dropout_p) : 0;
+  const double dh_scale = dropout ? scaling * keep_scale(p16) : scaling;
+
+  // The two skinny GEMMs over dy: grad_b = s dyᵀ h [D, r] and d_hidden = s ks dy B [N, r].
+  Tensor grad_b = empty_like_rows(D, r, x, poison);
+  at::mm_out(grad_b, g2.t(), lora_hidden);
+  grad_b.mul_(scaling);
+  Tensor d_hidden = empty_like_rows(N, r, x, poison);
+  at::mm_out(d_hidden, g2, lora_b);
+  d_hidden.mul_(dh_scale);
+
+  Tensor grad_a = empty_like_rows(r, K, x, poison);  // [r, K]
+  Tensor gx;                                         // [N, K]
+  if (compute_grad_x) gx = empty_like_rows(N, K, x, poison);
+  if (dropout) {
+    TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 2 && mask.size(0) == N && mask.size(1) == (K + 7) / 8,
+                "lightning_peft_cuda: mask must be uint8 [N, ceil(K/8)] when dropout_p > 0");
+    const Tensor m = mask.contiguous();
+    if (compute_grad_x && post_add) at::mm_out(gx, g2, weight);
+    dropout_grad_a_backward(x2, m, d_hidden, a, gx, /*accumulate=*/post_add, grad_a, poison);
+    if (compute_grad_x && !post_add) gx.addmm_(g2, weight);  // beta = 1 onto the masked LoRA term
+  } else {
+    at::mm_out(grad_a, d_hidden.t(), x2);
+    if (compute_grad_x) {
+      if (post_add) {
+        at::mm_out(gx, g2, weight);
+        gx.addmm_(d_hidden, a);
+      } else {
+        at::mm_out(gx, d_hidden, a);
+        gx.addmm_(g2, weight);
+      }
+    }
+  }
+  Tensor grad_x = compute_grad_x ? gx.view(x.sizes()) : at::empty({0}, x.options());
+  return {grad_x, grad_a, grad_b};
+}
+
+}  // namespace
+}  // namespace lightning_peft_cuda
+
+TORCH_LIBRARY(lightning_peft_cuda, m) {
+  m.def(
+      "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor rng, float scaling, "
+      "float dropout_p, bool training, int flags) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor lora_hidden, "
+      "Tensor mask, float scaling, float dropout_p, bool compute_grad_x, int flags) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lightning_peft_cuda, CUDA, m) {
+  m.impl("lora_forward", &lightning_peft_cuda::lora_forward);
+  m.impl("lora_backward", &lightning_peft_cuda::lora_backward);
+}
+
+// `import lightning_peft._C` loads this library (running the registrations above); the module
+// itself is empty. The JIT build loads the same sources with torch.ops.load_library instead.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lightning_peft CUDA kernels (ops in torch.ops.lightning_peft_cuda)",
+                               -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,135 @@
+// Shared pieces of the LoRA tile kernels: element types, 8-element vectors (= one mask byte),
+// shared-memory layouts and the choice between tensor cores (WMMA) and plain FMAs.
+//
+// Every kernel walks [64 rows x 64 columns] tiles of a row-major [N, K] activation. A thread moves
+// 8 consecutive columns of one row at a time: 16 bytes for fp16/bf16 (one 128-bit load), 32 bytes
+// for fp32, and exactly the 8 elements whose keep bits form one byte of the packed mask.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+namespace lightning_peft_cuda {
+
+constexpr int kThreads = 128;  // 4 warps per block
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileRows = 64;  // BM: rows of a tile
+constexpr int kTileCols = 64;  // BK: columns of a tile (multiple of 8: whole mask bytes)
+constexpr int kVecsPerRow = kTileCols / 8;
+constexpr int kVecsPerThread = kTileRows * kVecsPerRow / kThreads;  // 4
+constexpr int kMaxRank = 128;
+
+static_assert(kTileRows * kVecsPerRow % kThreads == 0, "tile must split evenly over the block");
+static_assert(kTileRows == 16 * kWarps, "each warp owns 16 rows in the WMMA layouts");
+
+template <typename T> struct TypeTag {
+  using type = T;
+};
+
+/// Call f(TypeTag<raw_t>{}) with the CUDA element type of `dtype` (float, __half, __nv_bfloat16),
+/// the types WMMA and the conversion intrinsics take. Other dtypes go to the PyTorch fallback
+/// before they get here (see lightning_peft/ops/cuda_backend.py).
+template <typename F> void dispatch_float_types(c10::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float: f(TypeTag<float>{}); break;
+    case c10::ScalarType::Half: f(TypeTag<__half>{}); break;
+    case c10::ScalarType::BFloat16: f(TypeTag<__nv_bfloat16>{}); break;
+    default: TORCH_CHECK(false, name, ": lightning_peft CUDA kernels take float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename raw_t> __device__ __forceinline__ raw_t from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename raw_t> __device__ __forceinline__ raw_t raw_zero() { return from_float<raw_t>(0.0f); }
+
+// Tensor cores take fp16/bf16 operands with fp32 accumulation on sm_80+ (bf16 WMMA needs sm_80).
+// fp32 stays on FMAs: TF32 would lose the precision an fp32 user asked for. On the host pass and
+// on older targets the FMA path is compiled, so every TORCH_CUDA_ARCH_LIST builds.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define LIGHTNING_PEFT_HAS_MMA 1
+#else
+#define LIGHTNING_PEFT_HAS_MMA 0
+#endif
+
+template <typename raw_t> struct UseTensorCores {
+  static constexpr bool value = LIGHTNING_PEFT_HAS_MMA && !std::is_same<raw_t, float>::value;
+};
+
+// Padded shared-memory row stride (in elements) for a row of `cols` elements: one 16-byte access
+// width of padding breaks the bank conflicts of column-wise reads and keeps 16-byte alignment.
+template <typename raw_t> __host__ __device__ constexpr int padded_ld(int cols) {
+  return cols + 16 / static_cast<int>(sizeof(raw_t));
+}
+
+/// Eight consecutive elements: one mask byte's worth, 16 B (fp16/bf16) or 32 B (fp32).
+template <typename raw_t> struct alignas(16) Vec8 {
+  raw_t v[8];
+};
+
+template <typename raw_t> __device__ __forceinline__ Vec8<raw_t> zero_vec() {
+  Vec8<raw_t> out;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out.v[i] = raw_zero<raw_t>();
+  return out;
+}
+
+/// Load 8 elements of `row_ptr` starting at column `col`; columns >= `cols` read as 0.
+/// `vec_ok` (whole vectors aligned to 16 B and K % 8 == 0) selects 128-bit loads.
+template <typename raw_t>
+__device__ __forceinline__ Vec8<raw_t> load_vec8(const raw_t* row_ptr, int64_t col, int64_t cols, bool vec_ok) {
+  if (vec_ok) {
+    if (col < cols) return *reinterpret_cast<const Vec8<raw_t>*>(row_ptr + col);
+    return zero_vec<raw_t>();
+  }
+  Vec8<raw_t> out;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out.v[i] = (col + i < cols) ? row_ptr[col + i] : raw_zero<raw_t>();
+  return out;
+}
+
+/// Store 8 elements at column `col` of `row_ptr`, skipping columns >= `cols`.
+template <typename raw_t>
+__device__ __forceinline__ void store_vec8(raw_t* row_ptr, int64_t col, int64_t cols, bool vec_ok, const Vec8<raw_t>& v) {
+  if (vec_ok) {
+    if (col < cols) *reinterpret_cast<Vec8<raw_t>*>(row_ptr + col) = v;
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (col + i < cols) row_ptr[col + i] = v.v[i];
+}
+
+/// Zero the elements whose keep bit is 0 (bit i of `bits` <-> element i).
+template <typename raw_t> __device__ __forceinline__ Vec8<raw_t> apply_keep_bits(Vec8<raw_t> v, uint32_t bits) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (!((bits >> i) & 1u)) v.v[i] = raw_zero<raw_t>();
+  return v;
+}
+
+/// Which row and 8-column group of the 64 x 64 tile the i-th vector of thread `tid` is.
+/// Consecutive threads take consecutive 16-byte pieces of a row, so a warp's loads coalesce.
+__device__ __forceinline__ void vec_coords(int tid, int i, int& row, int& col8) {
+  const int id = tid + i * kThreads;
+  row = id / kVecsPerRow;
+  col8 = id % kVecsPerRow;
+}
+
+/// Byte offset of a shared-memory section, rounded up to 128 B.
+__host__ __device__ constexpr size_t smem_align(size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+}  // namespace lightning_peft_cuda

@@ -1,0 +1,325 @@
+"""CUDA backend of the LoRA ops: finds (or builds) the compiled kernels and routes CUDA tensors to them.
+
+This is the only module of the package that knows about the CUDA extension. It registers a
+``"cuda"`` kernel for ``lightning_peft::lora_linear_forward`` / ``lora_linear_backward`` (the
+schemas, fake impls and autograd stay in :mod:`lightning_peft.ops.lora_linear`). For each call:
+
+1. if the fallback is forced (``LIGHTNING_PEFT_FORCE_FALLBACK=1`` or :func:`set_force_fallback`),
+   or the inputs are outside what the kernels cover (dtype not fp32/fp16/bf16, rank > 128),
+   the pure-PyTorch implementation runs;
+2. otherwise the kernels are loaded once: the ahead-of-time build ``lightning_peft._C`` (made by
+   ``pip install`` where a CUDA toolkit was found), else a just-in-time build of ``csrc/`` with
+   ninja (cached under the torch extensions directory; a message says it is compiling), else one
+   warning and the fallback from then on.
+
+Why a Python kernel calling private ops (``torch.ops.lightning_peft_cuda.*``) rather than C++
+registering ``TORCH_LIBRARY_IMPL(lightning_peft, CUDA)`` directly: a C++ CUDA kernel would also
+take precedence over the Python default (custom_op registers that as CompositeExplicitAutograd),
+but then nothing would run at first use to JIT-compile, and the fallback could not be forced at
+run time. The cost is one Python call per op, which the custom op pays anyway.
+
+Environment:
+    ``LIGHTNING_PEFT_FORCE_FALLBACK=1``: never use the kernels.
+    ``LIGHTNING_PEFT_NO_JIT=1``: do not compile at first use (use the fallback if no build exists).
+    ``LIGHTNING_PEFT_CUDA_VARIANT=post``: add the LoRA term after the base GEMM (A/B benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+import threading
+import time
+import warnings
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_peft.ops.lora_linear import (
+    backward_pytorch,
+    forward_pytorch,
+    lora_linear_backward,
+    lora_linear_forward,
+)
+
+__all__ = [
+    "ENV_FORCE_FALLBACK",
+    "ENV_NO_JIT",
+    "ENV_VARIANT",
+    "MAX_RANK",
+    "force_fallback",
+    "is_available",
+    "jit_build",
+    "load",
+    "set_force_fallback",
+    "set_variant",
+    "source_files",
+    "status",
+]
+
+ENV_FORCE_FALLBACK = "LIGHTNING_PEFT_FORCE_FALLBACK"
+ENV_NO_JIT = "LIGHTNING_PEFT_NO_JIT"
+ENV_VARIANT = "LIGHTNING_PEFT_CUDA_VARIANT"
+
+MAX_RANK = 128  # the kernels keep up to 128 rank columns per tile (csrc/tile_common.cuh)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_JIT_NAME = "lightning_peft_cuda_jit"
+
+# Bits of the private ops' `flags` argument (csrc/lora_ops.cpp).
+_FLAG_POST_ADD = 1
+_FLAG_POISON = 2
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class _State:
+    """What the loader found; one attempt per process."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.attempted = False
+        self.available = False
+        self.source: Optional[str] = None  # "prebuilt" | "jit"
+        self.reason = "not loaded yet"
+        self.force_fallback = _env_true(ENV_FORCE_FALLBACK)
+        self.flags = _FLAG_POST_ADD if os.environ.get(ENV_VARIANT, "").strip().lower() == "post" else 0
+
+
+_state = _State()
+
+
+def set_force_fallback(enabled: bool = True) -> None:
+    """Route CUDA tensors to the pure-PyTorch implementation (``enabled``) or back to the kernels."""
+    _state.force_fallback = bool(enabled)
+
+
+@contextlib.contextmanager
+def force_fallback(enabled: bool = True) -> Iterator[None]:
+    """Context manager form of :func:`set_force_fallback`; restores the previous setting on exit."""
+    previous = _state.force_fallback
+    _state.force_fallback = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.force_fallback = previous
+
+
+def set_variant(post_add: bool) -> None:
+    """Choose where the LoRA term joins the base GEMM output (for A/B benchmarks).
+
+    ``post_add=False`` (default): the small GEMM writes the LoRA term, then the base GEMM
+    accumulates onto it with beta = 1. ``True``: the base GEMM first, then ``addmm_`` (one more
+    read and write of the output).
+    """
+    _state.flags = (_state.flags & ~_FLAG_POST_ADD) | (_FLAG_POST_ADD if post_add else 0)
+
+
+@contextlib.contextmanager
+def _poison_outputs() -> Iterator[None]:
+    """Tests: the kernels fill every output and workspace with NaN / 0xFF before computing."""
+    previous = _state.flags
+    _state.flags |= _FLAG_POISON
+    try:
+        yield
+    finally:
+        _state.flags = previous
+
+
+def status() -> dict:
+    """Loader state without triggering a load: ``available``, ``source``, ``reason``, ``force_fallback``."""
+    return {
+        "attempted": _state.attempted,
+        "available": _state.available,
+        "source": _state.source,
+        "reason": _state.reason,
+        "force_fallback": _state.force_fallback,
+        "variant": "post" if _state.flags & _FLAG_POST_ADD else "pre",
+    }
+
+
+def source_files() -> list[str]:
+    """The CUDA/C++ sources of the extension (``csrc/`` beside the package; empty if not shipped)."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith((".cpp", ".cu")))
+
+
+def jit_build(build_directory: Optional[str] = None, verbose: bool = False) -> str:
+    """Compile ``csrc/`` with ninja and load it (registers ``torch.ops.lightning_peft_cuda``).
+
+    Args:
+        build_directory: where to build; default: torch's extensions cache (reused across runs).
+        verbose: show the compiler command lines.
+
+    Returns:
+        The build directory (torch's cache directory when ``build_directory`` is None).
+
+    Raises:
+        RuntimeError: no sources, torch without CUDA, or the compiler failed.
+    """
+    from torch.utils import cpp_extension
+
+    from lightning_peft_build import extension_kwargs
+
+    sources = source_files()
+    if not sources:
+        raise RuntimeError("the CUDA sources (csrc/) are not shipped with this installation")
+    if torch.version.cuda is None:
+        raise RuntimeError("this torch is a CPU-only build")
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("no CUDA toolkit found (set CUDA_HOME)")
+    kwargs = extension_kwargs()
+    if build_directory is not None:
+        os.makedirs(build_directory, exist_ok=True)
+    cpp_extension.load(
+        name=_JIT_NAME,
+        sources=sources,
+        extra_cflags=kwargs["extra_compile_args"]["cxx"],
+        extra_cuda_cflags=kwargs["extra_compile_args"]["nvcc"],
+        extra_include_paths=kwargs["include_dirs"],
+        build_directory=build_directory,
+        is_python_module=False,
+        verbose=verbose,
+    )
+    return build_directory or cpp_extension._get_build_directory(_JIT_NAME, verbose=False)
+
+
+def _ops_registered() -> bool:
+    return hasattr(torch.ops, "lightning_peft_cuda") and hasattr(torch.ops.lightning_peft_cuda, "lora_forward")
+
+
+def load(verbose: bool = False) -> bool:
+    """Load the kernels once (prebuilt, else JIT-compiled); True if they are usable.
+
+    Never raises: a failure is reported by one warning and :func:`status` keeps the reason.
+    """
+    if _state.attempted:
+        return _state.available
+    with _state.lock:
+        if _state.attempted:
+            return _state.available
+        try:
+            _state.available, _state.source, _state.reason = _try_load(verbose)
+        except Exception as exc:  # noqa: BLE001 - any failure means "use the fallback"
+            _state.available, _state.source, _state.reason = False, None, f"{type(exc).__name__}: {exc}"
+        _state.attempted = True
+        if not _state.available:
+            warnings.warn(
+                f"lightning_peft: CUDA kernels unavailable ({_state.reason.strip().splitlines()[-1] if _state.reason.strip() else 'unknown'}); "
+                "using the PyTorch implementation of the LoRA op on CUDA",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _state.available
+
+
+def _try_load(verbose: bool) -> tuple[bool, Optional[str], str]:
+    if torch.version.cuda is None:
+        return False, None, "torch is a CPU-only build"
+    if _ops_registered():  # loaded by someone else in this process (e.g. a test's jit_build)
+        return True, "preloaded", "ok"
+    try:
+        importlib.import_module("lightning_peft._C")
+        if _ops_registered():
+            return True, "prebuilt", "ok"
+        prebuilt_error = "lightning_peft._C has no lightning_peft_cuda ops"
+    except ImportError as exc:  # not built, or built against another torch
+        prebuilt_error = f"lightning_peft._C: {exc}"
+    if _env_true(ENV_NO_JIT):
+        return False, None, f"{prebuilt_error}; {ENV_NO_JIT} is set"
+    if not source_files():
+        return False, None, f"{prebuilt_error}; no csrc/ sources to compile"
+    print(
+        "lightning_peft: compiling the CUDA kernels for this GPU (first use only; takes a few minutes, "
+        "then cached in the torch extensions directory) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.perf_counter()
+    jit_build(verbose=verbose)
+    print(f"lightning_peft: CUDA kernels compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    if not _ops_registered():
+        return False, None, "the JIT build loaded but registered no ops"
+    return True, "jit", "ok"
+
+
+def is_available() -> bool:
+    """True if CUDA tensors will use the kernels (loads or compiles them on first call)."""
+    return not _state.force_fallback and torch.cuda.is_available() and load()
+
+
+def _kernels_cover(x: Tensor, lora_a: Tensor) -> bool:
+    """Whether this call can take the kernels (else the PyTorch implementation runs)."""
+    if _state.force_fallback or x.dtype not in _KERNEL_DTYPES:
+        return False
+    if not 1 <= lora_a.shape[0] <= MAX_RANK:
+        return False
+    return load()
+
+
+def _disable_after(exc: RuntimeError) -> bool:
+    """A build without code for this GPU: warn once, then use the fallback for the rest of the run."""
+    if "no kernel image is available" not in str(exc):
+        return False
+    _state.available, _state.reason = False, f"built for other GPU architectures: {exc}"
+    warnings.warn(
+        "lightning_peft: the CUDA kernels were not built for this GPU (set TORCH_CUDA_ARCH_LIST and reinstall); "
+        "using the PyTorch implementation",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+@lora_linear_forward.register_kernel("cuda")
+def _forward_cuda(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    rng: Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _kernels_cover(x, lora_a):
+        try:
+            return torch.ops.lightning_peft_cuda.lora_forward(
+                x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training, _state.flags
+            )
+        except RuntimeError as exc:
+            if not _disable_after(exc):
+                raise
+    return forward_pytorch(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)
+
+
+@lora_linear_backward.register_kernel("cuda")
+def _backward_cuda(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    lora_hidden: Tensor,
+    mask: Tensor,
+    scaling: float,
+    dropout_p: float,
+    compute_grad_x: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # The mask layout is shared with the PyTorch path, so either backward accepts either forward's mask.
+    if _kernels_cover(x, lora_a):
+        try:
+            return torch.ops.lightning_peft_cuda.lora_backward(
+                grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x, _state.flags
+            )
+        except RuntimeError as exc:
+            if not _disable_after(exc):
+                raise
+    return backward_pytorch(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x)
