@@ -3,6 +3,7 @@
 from lightning_peft.tuners.config import PeftConfig, config_from_dict
 from lightning_peft.tuners.injection import (
     AdapterLayer,
+    AdapterModule,
     ModuleReplacementTuner,
     Tuner,
     adapter_state_dict,
@@ -13,11 +14,14 @@ from lightning_peft.tuners.injection import (
     remove_adapter,
 )
 from lightning_peft.tuners.lora import LoraConfig, LoraLinear, LoraTuner
+from lightning_peft.tuners.prefix import PrefixEncoder, PrefixTuner, PrefixTuningConfig
+from lightning_peft.tuners.prompt import PromptEmbedding, PromptTuner, PromptTuningConfig
 
 __all__ = [
     "PeftConfig",
     "config_from_dict",
     "AdapterLayer",
+    "AdapterModule",
     "Tuner",
     "ModuleReplacementTuner",
     "inject_adapter",
@@ -29,4 +33,10 @@ __all__ = [
     "LoraConfig",
     "LoraLinear",
     "LoraTuner",
+    "PrefixTuningConfig",
+    "PrefixEncoder",
+    "PrefixTuner",
+    "PromptTuningConfig",
+    "PromptEmbedding",
+    "PromptTuner",
 ]

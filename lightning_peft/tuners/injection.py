@@ -9,18 +9,21 @@ the adapter state dict — lives here once.
 
 from __future__ import annotations
 
+import inspect
 import re
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Callable, ClassVar, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.tuners.config import PeftConfig
 
 __all__ = [
     "AdapterLayer",
+    "AdapterModule",
     "Tuner",
     "ModuleReplacementTuner",
     "inject_adapter",
@@ -31,11 +34,14 @@ __all__ = [
     "advance_dropout_rng",
     "match_module_names",
     "describe_available_modules",
+    "register_forward_kwargs_hook",
+    "remove_forward_kwargs_hook",
 ]
 
 _TUNER_ATTR = "_lightning_peft_tuner"
 PEFT_PREFIX = "base_model.model."  # HF peft's key prefix: PeftModel.base_model (tuner).model
 _TUNER_CLASSES: dict[str, type["Tuner"]] = {}
+_PEFT_CLASSIFIER_NAMES = ("classifier", "score")
 
 
 class AdapterLayer(nn.Module):
@@ -52,6 +58,14 @@ class AdapterLayer(nn.Module):
     def restore_base(self) -> nn.Module:
         """Return the base module to put back in this layer's place (with any merged weights)."""
         raise NotImplementedError
+
+
+class AdapterModule(nn.Module):
+    """A module a tuner adds *beside* the base modules instead of in place of one.
+
+    For example the virtual-token tables of prefix and prompt tuning. Like :class:`AdapterLayer`
+    it marks a model as adapted, so :func:`inject_adapter` refuses to stack a second method on it.
+    """
 
 
 def register_tuner(peft_type: str) -> Callable[[type["Tuner"]], type["Tuner"]]:
@@ -204,6 +218,10 @@ def _modules_to_save_parameter_names(model: nn.Module, config: PeftConfig) -> li
     module_names = [n for n, _ in model.named_modules() if n]
     matched = match_module_names(module_names, list(config.modules_to_save))
     missing = [t for t in config.modules_to_save if not match_module_names(module_names, [t])]
+    if matched:
+        # peft writes modules_to_save=["classifier", "score"] for every SEQ_CLS adapter (one of the two
+        # names exists in any given model), so the other one missing is expected in its files.
+        missing = [t for t in missing if t not in _PEFT_CLASSIFIER_NAMES]
     if missing:
         raise ValueError(
             f"modules_to_save {missing} match no module of {type(model).__name__}; "
@@ -234,9 +252,11 @@ def inject_adapter(model: nn.Module, config: PeftConfig, *, advance_rng_on_forwa
             model is left exactly as it was.
     """
     config.validate()
-    if get_tuner(model) is not None or any(isinstance(m, AdapterLayer) for m in model.modules()):
+    existing = _existing_adaptation(model)
+    if existing is not None:
         raise ValueError(
-            f"{type(model).__name__} already has adapter layers injected; call unload() or "
+            f"{type(model).__name__} already has adapter layers injected ({existing}); lightning_peft adapts a "
+            f"model with one method at a time and does not combine {config.peft_type} with it. Call unload() or "
             "merge_and_unload() on it first, or start from a fresh base model"
         )
     if config.peft_type not in _TUNER_CLASSES:
@@ -261,6 +281,18 @@ def inject_adapter(model: nn.Module, config: PeftConfig, *, advance_rng_on_forwa
             param.requires_grad_(requires_grad_before.get(name, param.requires_grad))
         raise
     return tuner
+
+
+def _existing_adaptation(model: nn.Module) -> Optional[str]:
+    """What already adapts ``model`` or one of its submodules (a tuner, adapter layers), or None."""
+    for name, module in model.named_modules():
+        tuner = get_tuner(module)
+        if tuner is not None:
+            return f"{tuner.config.peft_type} on {name or 'the model itself'}"
+    for name, module in model.named_modules():
+        if isinstance(module, (AdapterLayer, AdapterModule)):
+            return f"{type(module).__name__} at {name}"
+    return None
 
 
 def remove_adapter(model: nn.Module, *, restore_requires_grad: bool = False) -> nn.Module:
@@ -350,3 +382,53 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
 def _few(items: list[str], limit: int = 6) -> str:
     return "[" + ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "") + "]"
+
+
+_KWARGS_HOOK_ATTR = "_lightning_peft_rewrite"
+
+
+def register_forward_kwargs_hook(
+    module: nn.Module, rewrite: Callable[[nn.Module, dict[str, Any]], dict[str, Any]]
+) -> RemovableHandle:
+    """Let ``rewrite(module, kwargs) -> kwargs`` edit every call's arguments before ``module.forward``.
+
+    For methods that change a model's *inputs* rather than its layers (prompt tuning prepends
+    virtual-token embeddings, prefix tuning passes a pre-filled KV cache), so that they work the
+    same whether the model is called through ``PeftModel``, directly after in-place injection
+    (the Lightning callback), or from ``generate()``. Positional arguments are bound to their
+    parameter names first, so ``rewrite`` always sees one dict (``input_ids``, ``attention_mask``, ...).
+
+    ``rewrite`` should be a module-level function that reads its state from ``module`` (not a
+    closure over a tuner): a ``copy.deepcopy`` of the model keeps the hook function but copies the
+    modules, so state read from ``module`` stays the copy's own.
+
+    Args:
+        module: the module whose calls are rewritten.
+        rewrite: ``(module, kwargs) -> kwargs``; may return the dict it was given, edited.
+
+    Returns:
+        The hook handle; :func:`remove_forward_kwargs_hook` also removes it without the handle.
+    """
+    params = inspect.signature(module.forward).parameters.values()
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if len(args) > len(positional):
+            raise TypeError(f"{type(mod).__name__}.forward() takes {len(positional)} positional arguments but {len(args)} were given")
+        bound = dict(zip(positional, args))
+        clash = sorted(set(bound) & set(kwargs))
+        if clash:
+            raise TypeError(f"{type(mod).__name__}.forward() got multiple values for {clash}")
+        bound.update(kwargs)
+        return (), rewrite(mod, bound)
+
+    setattr(hook, _KWARGS_HOOK_ATTR, rewrite)
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def remove_forward_kwargs_hook(module: nn.Module, rewrite: Callable[..., Any]) -> None:
+    """Remove the hooks :func:`register_forward_kwargs_hook` registered on ``module`` with ``rewrite``."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if getattr(hook, _KWARGS_HOOK_ATTR, None) is rewrite:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
