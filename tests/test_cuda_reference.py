@@ -1,0 +1,160 @@
+"""Reference pieces for the CUDA kernel tests, and CPU tests of those pieces themselves.
+
+Helpers (imported by tests/test_cuda_lora_op.py): plain-eager LoRA in low precision, the
+flash-attention tolerance rule, and an independent NumPy Philox4x32-10 that predicts the
+kernels' mask bytes. The tests below check the helpers (they run everywhere, no GPU needed):
+Philox against the published Random123 known-answer vectors, the reference mask's statistics,
+and that the tolerance rule rejects a wrong result.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_peft.ops.dropout_mask import quantized_drop_probability, unpack_mask
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def fresh_seed() -> int:
+    """A new seed per test run (inputs must be fresh); failures print it so they can be replayed."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Salmon et al. 2011) on uint64 NumPy arrays holding 32-bit words."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in (c0, c1, c2, c3))
+    k0, k1 = np.uint64(k0), np.uint64(k1)
+    m0, m1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        p0, p1 = m0 * c0, m1 * c2  # exact: both factors < 2**32
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & _M32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _M32
+        k0 = (k0 + np.uint64(0x9E3779B9)) & _M32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_mask_reference(seed: int, offset: int, rows: int, cols: int, p: float) -> Tensor:
+    """Packed keep mask ``uint8 [rows, ceil(cols/8)]`` the CUDA kernels must produce.
+
+    Byte b of row n comes from Philox4x32-10 with key = seed (lo, hi) and counter =
+    (n * ceil(cols/8) + b as lo/hi words, offset lo, offset hi); its 8 bits are the 8 16-bit draws
+    ``>= round(p * 65536)``, LSB first; bits past ``cols`` are 0.
+    """
+    kb = (cols + 7) // 8
+    seed_u, offset_u = seed % (1 << 64), offset % (1 << 64)
+    idx = np.arange(rows * kb, dtype=np.uint64)
+    c0, c1 = idx & _M32, idx >> np.uint64(32)
+    c2 = np.full_like(idx, offset_u & 0xFFFFFFFF)
+    c3 = np.full_like(idx, offset_u >> 32)
+    words = philox4x32_10(c0, c1, c2, c3, seed_u & 0xFFFFFFFF, seed_u >> 32)
+    threshold = np.uint64(round(p * 65536))
+    bits = np.zeros_like(idx)
+    for j in range(8):
+        draw = (words[j >> 1] >> np.uint64(16 * (j & 1))) & np.uint64(0xFFFF)
+        bits |= (draw >= threshold).astype(np.uint64) << np.uint64(j)
+    mask = bits.astype(np.uint8).reshape(rows, kb)
+    if cols % 8:
+        mask[:, -1] &= np.uint8((1 << (cols % 8)) - 1)
+    return torch.from_numpy(mask)
+
+
+def lora_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, scaling: float,
+               keep: Optional[Tensor], drop_p: float) -> Tensor:
+    """Plain PyTorch LoRA in the inputs' own dtype (what the kernels must not be much worse than).
+
+    ``keep``: bool ``[N, K]`` (None: no dropout). Dropout is applied as ``x * (1 / keep_prob)`` on kept
+    elements, one rounding, like ``F.dropout``.
+    """
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if keep is not None:
+        x2 = torch.where(keep, x2 * (1.0 / (1.0 - quantized_drop_probability(drop_p))), torch.zeros((), dtype=x.dtype, device=x.device))
+    y = torch.nn.functional.linear(x.reshape(-1, k), weight, bias) + (x2 @ a.t()) @ b.t() * scaling
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def hidden_eager(x: Tensor, a: Tensor, keep: Optional[Tensor], drop_p: float) -> Tensor:
+    """``lora_hidden`` computed the plain way in the inputs' dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if keep is not None:
+        x2 = torch.where(keep, x2 * (1.0 / (1.0 - quantized_drop_probability(drop_p))), torch.zeros((), dtype=x.dtype, device=x.device))
+    return x2 @ a.t()
+
+
+def max_err(value: Tensor, ref: Tensor) -> float:
+    """Largest absolute difference, computed in fp64; NaN anywhere counts as infinite."""
+    diff = (value.double() - ref.double()).abs()
+    if not torch.isfinite(diff).all():
+        return float("inf")
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_flash_rule(name: str, ours: Tensor, eager: Tensor, ref: Tensor, dtype: torch.dtype, context: str = "") -> None:
+    """flash-attention's rule: |ours - ref| <= 2 |eager - ref| + one ulp of the largest reference value.
+
+    ``ref`` is the fp64 recomputation from the same (low-precision) inputs and mask; ``eager`` is
+    plain PyTorch in ``dtype``. The one-ulp slack covers cases where eager happens to be exact.
+    """
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)} {context}"
+    assert ours.dtype == dtype, f"{name}: dtype {ours.dtype} != {dtype} {context}"
+    ours_err, eager_err = max_err(ours, ref), max_err(eager, ref)
+    slack = torch.finfo(dtype).eps * (ref.abs().max().item() if ref.numel() else 0.0)
+    assert ours_err <= 2.0 * eager_err + slack, (
+        f"{name}: error vs fp64 {ours_err:.3e} > 2 x eager's {eager_err:.3e} + slack {slack:.1e} {context}"
+    )
+
+
+# ----------------------------------------------------------------------------- tests of the helpers
+
+
+@pytest.mark.parametrize(
+    "counter,key,expected",
+    [  # Random123 tests/kat_vectors, "philox4x32 10" lines (the published known answers)
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ],
+)
+def test_reference_philox_matches_random123_known_answers(counter, key, expected):
+    out = philox4x32_10(*(np.array([c], dtype=np.uint64) for c in counter), *key)
+    assert tuple(int(w[0]) for w in out) == expected
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_reference_mask_has_the_quantized_keep_rate_and_zero_padding(p):
+    rows, cols = 300, 1003  # 1003 % 8 = 3: the last byte has 5 padding bits
+    mask = philox_mask_reference(fresh_seed(), 7, rows, cols, p)
+    keep = unpack_mask(mask, cols)
+    expected = 1.0 - quantized_drop_probability(p)
+    sigma = (expected * (1 - expected) / keep.numel()) ** 0.5
+    assert abs(keep.float().mean().item() - expected) < 5 * sigma
+    assert (mask[:, -1] >> 3).eq(0).all()  # bits past K are 0, like pack_mask's padding
+
+
+def test_reference_mask_depends_on_seed_and_offset():
+    base = philox_mask_reference(1, 0, 64, 64, 0.5)
+    assert torch.equal(base, philox_mask_reference(1, 0, 64, 64, 0.5))
+    assert not torch.equal(base, philox_mask_reference(2, 0, 64, 64, 0.5))
+    assert not torch.equal(base, philox_mask_reference(1, 1, 64, 64, 0.5))
+
+
+def test_flash_rule_accepts_eager_quality_and_rejects_a_wrong_result():
+    g = torch.Generator().manual_seed(fresh_seed())
+    ref = torch.randn(64, 64, dtype=torch.float64, generator=g)
+    eager = ref.to(torch.bfloat16)
+    assert_flash_rule("same as eager", eager.clone(), eager, ref, torch.bfloat16)
+    wrong = eager.clone()
+    wrong[3, 5] += 0.5
+    with pytest.raises(AssertionError, match="error vs fp64"):
+        assert_flash_rule("off by 0.5", wrong, eager, ref, torch.bfloat16)
+    poisoned = eager.clone()
+    poisoned[0, 0] = float("nan")
+    with pytest.raises(AssertionError):
+        assert_flash_rule("NaN", poisoned, eager, ref, torch.bfloat16)
