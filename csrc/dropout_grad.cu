@@ -7,12 +7,9 @@
 // Grid: (ceil(K/64) column tiles) x (row splits). A block owns 64 columns, loads its A columns
 // once, walks its rows in 64-row tiles and leaves a [R, 64] fp32 grad_a partial per split;
 // reduce_splits sums them in a fixed order.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
-#include <limits>
 
 #include "lora_kernels.h"
 #include "tile_common.cuh"
@@ -238,70 +235,47 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename raw_t, int RF>
-void launch_grad(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& d_hidden, const at::Tensor& lora_a,
-                 at::Tensor& gx, bool accumulate, at::Tensor& ga_ws, int64_t rows_per_split, dim3 grid) {
+void launch_grad(const DropoutGradArgs& args, const SplitPlan& plan, cudaStream_t stream) {
   using Smem = GradSmem<raw_t, RF>;
   auto kernel = dropout_grad_kernel<raw_t, RF>;
   const size_t smem = Smem::kBytes;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  const int64_t K = x.size(1);
-  const auto* xp = reinterpret_cast<const raw_t*>(x.data_ptr());
-  const auto* ap = reinterpret_cast<const raw_t*>(lora_a.data_ptr());
-  raw_t* gp = gx.defined() ? reinterpret_cast<raw_t*>(gx.data_ptr()) : nullptr;
-  const bool vec_ok_x = K % 8 == 0 && x.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0;
-  const bool vec_ok_a = K % 8 == 0 && reinterpret_cast<uintptr_t>(ap) % 16 == 0;
-  const bool vec_ok_gx = K % 8 == 0 && reinterpret_cast<uintptr_t>(gp) % 16 == 0;
-  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      xp, x.stride(0), x.size(0), K, vec_ok_x, mask.data_ptr<uint8_t>(), mask.size(1),
-      reinterpret_cast<const raw_t*>(d_hidden.data_ptr()), static_cast<int>(d_hidden.size(1)), ap, vec_ok_a, gp, accumulate,
-      vec_ok_gx, ga_ws.data_ptr<float>(), ga_ws.size(2), rows_per_split);
+  const auto* xp = static_cast<const raw_t*>(args.x);
+  const auto* ap = static_cast<const raw_t*>(args.a);
+  auto* gp = static_cast<raw_t*>(args.grad_x_lora);
+  const bool vec_ok_x = args.K % 8 == 0 && args.ldx % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0;
+  const bool vec_ok_a = args.K % 8 == 0 && reinterpret_cast<uintptr_t>(ap) % 16 == 0;
+  const bool vec_ok_gx = args.K % 8 == 0 && reinterpret_cast<uintptr_t>(gp) % 16 == 0;
+  const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.splits));
+  kernel<<<grid, kThreads, smem, stream>>>(xp, args.ldx, args.N, args.K, vec_ok_x, args.mask, (args.K + 7) / 8,
+                                           static_cast<const raw_t*>(args.d_hidden), args.r, ap, vec_ok_a, gp,
+                                           args.accumulate, vec_ok_gx, args.ws, plan.ws_cols, plan.per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-void dropout_grad_a_backward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& d_hidden,
-                             const at::Tensor& lora_a, at::Tensor& grad_x_lora, bool accumulate, at::Tensor& grad_a,
-                             bool poison) {
-  const int64_t N = x.size(0), K = x.size(1), r = lora_a.size(0);
+SplitPlan plan_dropout_grad(int64_t N, int64_t K, int64_t r, int sm_count) {
   TORCH_CHECK(r >= 1 && r <= kMaxRank, "lightning_peft CUDA kernels support rank 1..", kMaxRank, ", got ", r);
-  TORCH_CHECK(d_hidden.is_contiguous() && d_hidden.size(0) == N && d_hidden.size(1) == r, "dropout_grad: bad d_hidden");
-  TORCH_CHECK(!grad_x_lora.defined() || (grad_x_lora.is_contiguous() && grad_x_lora.size(0) == N && grad_x_lora.size(1) == K),
-              "dropout_grad: bad grad_x_lora");
-  if (K == 0) return;
-  if (N == 0) {
-    grad_a.zero_();
-    return;
-  }
-  const int rf = static_cast<int>((r + 15) / 16);
-  const int RF = rf <= 1 ? 1 : rf <= 2 ? 2 : rf <= 4 ? 4 : 8;
-
-  const int64_t col_tiles = (K + kTileCols - 1) / kTileCols;
-  const int64_t row_tiles = (N + kTileRows - 1) / kTileRows;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t splits = std::min<int64_t>(std::max<int64_t>((4 * sms + col_tiles - 1) / col_tiles, 1), row_tiles);
-  splits = std::min<int64_t>(splits, 65535);
+  const int64_t col_tiles = std::max<int64_t>((K + kTileCols - 1) / kTileCols, 1);
+  const int64_t row_tiles = std::max<int64_t>((N + kTileRows - 1) / kTileRows, 1);
+  // Enough row splits for ~4 blocks per SM when K alone gives fewer.
+  int64_t splits = std::clamp<int64_t>((4 * int64_t{sm_count} + col_tiles - 1) / col_tiles, 1, std::min<int64_t>(row_tiles, 65535));
   const int64_t tiles_per_split = (row_tiles + splits - 1) / splits;
   splits = (row_tiles + tiles_per_split - 1) / tiles_per_split;
-  TORCH_CHECK(col_tiles <= std::numeric_limits<int32_t>::max(), "lightning_peft: too many columns for one launch");
+  TORCH_CHECK(col_tiles <= 0x7FFFFFFF, "lightning_peft_cuda: too many columns for one launch");
+  const int rank_pad = rank_bucket(r);
+  return SplitPlan{col_tiles, splits, tiles_per_split * kTileRows, rank_pad, rank_pad, col_tiles * kTileCols};
+}
 
-  at::Tensor ga_ws = at::empty({splits, 16 * RF, col_tiles * kTileCols}, x.options().dtype(at::kFloat));
-  if (poison) ga_ws.fill_(std::numeric_limits<float>::quiet_NaN());
-  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(splits));
-  const int64_t rows_per_split = tiles_per_split * kTileRows;
-
-  dispatch_float_types(x.scalar_type(), "dropout_grad_a_backward", [&](auto tag) {
+void launch_dropout_grad(ElementType type, const DropoutGradArgs& args, const SplitPlan& plan, cudaStream_t stream) {
+  if (args.N == 0 || args.K == 0) return;  // the caller handles empty shapes
+  dispatch_element_type(type, [&](auto tag) {
     using raw_t = typename decltype(tag)::type;
-    switch (RF) {
-      case 1: launch_grad<raw_t, 1>(x, mask, d_hidden, lora_a, grad_x_lora, accumulate, ga_ws, rows_per_split, grid); break;
-      case 2: launch_grad<raw_t, 2>(x, mask, d_hidden, lora_a, grad_x_lora, accumulate, ga_ws, rows_per_split, grid); break;
-      case 4: launch_grad<raw_t, 4>(x, mask, d_hidden, lora_a, grad_x_lora, accumulate, ga_ws, rows_per_split, grid); break;
-      default: launch_grad<raw_t, 8>(x, mask, d_hidden, lora_a, grad_x_lora, accumulate, ga_ws, rows_per_split, grid); break;
-    }
+    dispatch_rank(plan.rank_pad, [&](auto rf) { launch_grad<raw_t, decltype(rf)::value>(args, plan, stream); });
   });
-  reduce_splits(ga_ws, r, K, 1.0f, grad_a);
 }
 
 }  // namespace lightning_peft_cuda

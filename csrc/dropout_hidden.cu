@@ -7,12 +7,9 @@
 // leaves a [64, R] fp32 partial in a workspace; reduce_splits sums the partials in a fixed order
 // (deterministic, unlike atomics) and applies keep_scale. Splitting K keeps ~4 blocks per SM busy
 // even when N/64 is below the SM count.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
-#include <limits>
 
 #include "lora_kernels.h"
 #include "philox.cuh"
@@ -177,63 +174,44 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename raw_t, int RF>
-void launch_hidden(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& rng, uint32_t p16, at::Tensor& mask,
-                   at::Tensor& ws, int64_t cols_per_split, dim3 grid) {
+void launch_hidden(const DropoutHiddenArgs& args, const SplitPlan& plan, cudaStream_t stream) {
   using Smem = HiddenSmem<raw_t, RF>;
   auto kernel = dropout_hidden_kernel<raw_t, RF>;
   const size_t smem = Smem::kBytes;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  const int64_t K = x.size(1);
-  const auto* xp = reinterpret_cast<const raw_t*>(x.data_ptr());
-  const auto* ap = reinterpret_cast<const raw_t*>(lora_a.data_ptr());
-  const bool vec_ok_x = K % 8 == 0 && x.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0;
-  const bool vec_ok_a = K % 8 == 0 && reinterpret_cast<uintptr_t>(ap) % 16 == 0;
-  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      xp, x.stride(0), x.size(0), K, ap, static_cast<int>(lora_a.size(0)), vec_ok_x, vec_ok_a, rng.data_ptr<int64_t>(), p16,
-      mask.data_ptr<uint8_t>(), mask.size(1), ws.data_ptr<float>(), ws.size(1), cols_per_split);
+  const auto* xp = static_cast<const raw_t*>(args.x);
+  const auto* ap = static_cast<const raw_t*>(args.a);
+  const bool vec_ok_x = args.K % 8 == 0 && args.ldx % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0;
+  const bool vec_ok_a = args.K % 8 == 0 && reinterpret_cast<uintptr_t>(ap) % 16 == 0;
+  const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.splits));
+  kernel<<<grid, kThreads, smem, stream>>>(xp, args.ldx, args.N, args.K, ap, args.r, vec_ok_x, vec_ok_a, args.rng, args.p16,
+                                           args.mask, (args.K + 7) / 8, args.ws, plan.ws_rows, plan.per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-void dropout_hidden_forward(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& rng, uint32_t p16,
-                            float keep_scale, at::Tensor& mask, at::Tensor& hidden, bool poison) {
-  const int64_t N = x.size(0), K = x.size(1), r = lora_a.size(0);
+SplitPlan plan_dropout_hidden(int64_t N, int64_t K, int64_t r, int sm_count) {
   TORCH_CHECK(r >= 1 && r <= kMaxRank, "lightning_peft CUDA kernels support rank 1..", kMaxRank, ", got ", r);
-  if (N == 0) return;
-  if (K == 0) {
-    hidden.zero_();
-    return;
-  }
-  const int rf = static_cast<int>((r + 15) / 16);
-  const int RF = rf <= 1 ? 1 : rf <= 2 ? 2 : rf <= 4 ? 4 : 8;
-
-  const int64_t row_tiles = (N + kTileRows - 1) / kTileRows;
-  const int64_t chunks = (K + kTileCols - 1) / kTileCols;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t splits = std::min<int64_t>(std::max<int64_t>((4 * sms + row_tiles - 1) / row_tiles, 1), chunks);
-  splits = std::min<int64_t>(splits, 65535);
+  const int64_t row_tiles = std::max<int64_t>((N + kTileRows - 1) / kTileRows, 1);
+  const int64_t chunks = std::max<int64_t>((K + kTileCols - 1) / kTileCols, 1);
+  // Enough K splits for ~4 blocks per SM when N alone gives fewer.
+  int64_t splits = std::clamp<int64_t>((4 * int64_t{sm_count} + row_tiles - 1) / row_tiles, 1, std::min<int64_t>(chunks, 65535));
   const int64_t chunks_per_split = (chunks + splits - 1) / splits;
   splits = (chunks + chunks_per_split - 1) / chunks_per_split;
-  TORCH_CHECK(row_tiles <= std::numeric_limits<int32_t>::max(), "lightning_peft: too many rows for one launch");
+  TORCH_CHECK(row_tiles <= 0x7FFFFFFF, "lightning_peft_cuda: too many rows for one launch");
+  const int rank_pad = rank_bucket(r);
+  return SplitPlan{row_tiles, splits, chunks_per_split * kTileCols, rank_pad, row_tiles * kTileRows, rank_pad};
+}
 
-  at::Tensor ws = at::empty({splits, row_tiles * kTileRows, 16 * RF}, x.options().dtype(at::kFloat));
-  if (poison) ws.fill_(std::numeric_limits<float>::quiet_NaN());
-  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
-  const int64_t cols_per_split = chunks_per_split * kTileCols;
-
-  dispatch_float_types(x.scalar_type(), "dropout_hidden_forward", [&](auto tag) {
+void launch_dropout_hidden(ElementType type, const DropoutHiddenArgs& args, const SplitPlan& plan, cudaStream_t stream) {
+  if (args.N == 0 || args.K == 0) return;  // the caller handles empty shapes
+  dispatch_element_type(type, [&](auto tag) {
     using raw_t = typename decltype(tag)::type;
-    switch (RF) {
-      case 1: launch_hidden<raw_t, 1>(x, lora_a, rng, p16, mask, ws, cols_per_split, grid); break;
-      case 2: launch_hidden<raw_t, 2>(x, lora_a, rng, p16, mask, ws, cols_per_split, grid); break;
-      case 4: launch_hidden<raw_t, 4>(x, lora_a, rng, p16, mask, ws, cols_per_split, grid); break;
-      default: launch_hidden<raw_t, 8>(x, lora_a, rng, p16, mask, ws, cols_per_split, grid); break;
-    }
+    dispatch_rank(plan.rank_pad, [&](auto rf) { launch_hidden<raw_t, decltype(rf)::value>(args, plan, stream); });
   });
-  reduce_splits(ws, N, r, keep_scale, hidden);
 }
 
 }  // namespace lightning_peft_cuda

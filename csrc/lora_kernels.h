@@ -1,44 +1,75 @@
-// Host-side entry points of the fused LoRA dropout kernels (implemented in the .cu files).
+// Host-side entry points of the fused LoRA dropout kernels. Plain pointers and sizes only: the
+// .cu files include no ATen headers (that alone halves the build time); csrc/lora_ops.cpp owns
+// the tensors, allocations and checks.
 //
-// Notation: N rows (tokens), K input features, r rank (1..128), p16 = round(p * 65536) is the
-// quantized drop threshold and keep_scale = 1 / (1 - p16 / 65536).
+// Notation: N rows (tokens), K input features, r rank (1..128), R = r rounded up to a rank
+// bucket (16, 32, 64, 128), p16 = round(p * 65536) the quantized drop threshold and
+// keep_scale = 1 / (1 - p16 / 65536).
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
 namespace lightning_peft_cuda {
 
-/// Forward pass over x with dropout: draws the Philox keep bits, writes them packed to `mask`
-/// and computes hidden = keep_scale * (x ∘ keep) · Aᵀ, without ever materialising x ∘ keep.
-///
-/// Args:
-///   x: [N, K], unit column stride (any row stride); fp32/fp16/bf16.
-///   lora_a: [r, K] contiguous, same dtype.
-///   rng: int64 [2] (seed, offset) on the same device; read on device.
-///   mask: out, uint8 [N, ceil(K/8)] contiguous; every byte is written (bits past K are 0).
-///   hidden: out, [N, r] contiguous, x's dtype.
-///   poison: fill the fp32 workspace with NaN first (tests: any partial not written shows up).
-void dropout_hidden_forward(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& rng, uint32_t p16,
-                            float keep_scale, at::Tensor& mask, at::Tensor& hidden, bool poison);
+enum class ElementType { kFloat32, kFloat16, kBFloat16 };
 
-/// Backward pass over x with dropout, reading the packed mask bits on the fly:
-///   grad_a = d_hiddenᵀ · (x ∘ keep)                       [r, K]
-///   grad_x_lora (+)= (d_hidden · A) ∘ keep                  [N, K]   (when defined)
-/// `d_hidden` already carries scaling * keep_scale.
-///
-/// Args:
-///   x: [N, K], unit column stride; mask: uint8 [N, ceil(K/8)] contiguous;
-///   d_hidden: [N, r] contiguous; lora_a: [r, K] contiguous; all of x's dtype.
-///   grad_x_lora: [N, K] contiguous or an undefined tensor to skip it.
-///   accumulate: add into grad_x_lora's current values instead of overwriting them.
-///   grad_a: out, [r, K] contiguous.
-void dropout_grad_a_backward(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& d_hidden,
-                             const at::Tensor& lora_a, at::Tensor& grad_x_lora, bool accumulate, at::Tensor& grad_a,
-                             bool poison);
+constexpr int kMaxRank = 128;
+constexpr int kTileRows = 64;  // rows of a kernel tile
+constexpr int kTileCols = 64;  // columns of a kernel tile (whole mask bytes)
 
-/// out[i, j] = scale * sum_s ws[s, i, j] for i < rows, j < cols (ws fp32 [splits, rows_alloc, ld]).
-void reduce_splits(const at::Tensor& ws, int64_t rows, int64_t cols, float scale, at::Tensor& out);
+/// The rank bucket R the kernels are instantiated for: 16, 32, 64 or 128.
+inline int rank_bucket(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128; }
+
+/// Launch geometry of a split kernel and the shape of its fp32 workspace [splits, ws_rows, ws_cols].
+struct SplitPlan {
+  int64_t tiles;      // blocks along the unsplit dimension (row tiles for hidden, column tiles for grad)
+  int64_t splits;     // blocks along the split dimension (gridDim.y)
+  int64_t per_split;  // columns (hidden) or rows (grad) per split, a multiple of 64
+  int rank_pad;       // R
+  int64_t ws_rows, ws_cols;
+};
+
+/// Forward: x ∘ keep times Aᵀ, split over K so that about 4 blocks per SM are in flight.
+SplitPlan plan_dropout_hidden(int64_t N, int64_t K, int64_t r, int sm_count);
+
+/// Backward: split over N (each block owns 64 columns of x for a range of rows).
+SplitPlan plan_dropout_grad(int64_t N, int64_t K, int64_t r, int sm_count);
+
+struct DropoutHiddenArgs {
+  const void* x;  // [N, K], unit column stride, row stride ldx
+  int64_t ldx, N, K;
+  const void* a;  // [r, K] contiguous
+  int r;
+  const int64_t* rng;  // int64 [2] (seed, offset) on the device
+  uint32_t p16;
+  uint8_t* mask;  // out: [N, ceil(K/8)] contiguous; every byte written, bits past K are 0
+  float* ws;      // out: [splits, ws_rows, R] fp32 partials of (x ∘ keep) · Aᵀ
+};
+
+/// Draw the Philox keep bits, write them packed, and leave per-split partials of (x ∘ keep) · Aᵀ
+/// in ws, reading x once and never materialising x ∘ keep.
+void launch_dropout_hidden(ElementType type, const DropoutHiddenArgs& args, const SplitPlan& plan, cudaStream_t stream);
+
+struct DropoutGradArgs {
+  const void* x;  // [N, K], unit column stride, row stride ldx
+  int64_t ldx, N, K;
+  const uint8_t* mask;  // [N, ceil(K/8)] contiguous
+  const void* d_hidden;  // [N, r] contiguous, already scaled by scaling * keep_scale
+  int r;
+  const void* a;      // [r, K] contiguous
+  void* grad_x_lora;  // [N, K] contiguous, or nullptr to skip it
+  bool accumulate;    // add into grad_x_lora instead of overwriting it
+  float* ws;          // out: [splits, R, ws_cols] fp32 partials of d_hiddenᵀ · (x ∘ keep)
+};
+
+/// One pass over x and the mask bits: grad_a partials d_hiddenᵀ · (x ∘ keep) into ws, and
+/// grad_x_lora (+)= (d_hidden · A) ∘ keep.
+void launch_dropout_grad(ElementType type, const DropoutGradArgs& args, const SplitPlan& plan, cudaStream_t stream);
+
+/// out[i, j] = scale * sum_s ws[s * split_stride + i * ld + j], i < rows, j < cols; out contiguous.
+void launch_reduce_splits(ElementType out_type, const float* ws, int64_t splits, int64_t split_stride, int64_t ld,
+                          int64_t rows, int64_t cols, float scale, void* out, cudaStream_t stream);
 
 }  // namespace lightning_peft_cuda

@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -59,6 +60,61 @@ Tensor empty_like_rows(int64_t rows, int64_t cols, const Tensor& like, bool pois
   return t;
 }
 
+ElementType element_type(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ElementType::kFloat32;
+    case at::kHalf: return ElementType::kFloat16;
+    case at::kBFloat16: return ElementType::kBFloat16;
+    default: TORCH_CHECK(false, "lightning_peft_cuda: kernels take float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+Tensor workspace(const SplitPlan& plan, const Tensor& like, bool poison) {
+  Tensor ws = at::empty({plan.splits, plan.ws_rows, plan.ws_cols}, like.options().dtype(at::kFloat));
+  if (poison) ws.fill_(std::numeric_limits<float>::quiet_NaN());
+  return ws;
+}
+
+/// hidden = keep_scale * (x ∘ keep) · Aᵀ and the packed keep bits, in one pass over x.
+void dropout_hidden(const Tensor& x2, const Tensor& a, const Tensor& rng, uint32_t p16, Tensor& mask, Tensor& hidden, bool poison) {
+  const int64_t N = x2.size(0), K = x2.size(1), r = a.size(0);
+  if (N == 0) return;
+  if (K == 0) {
+    hidden.zero_();
+    return;
+  }
+  const SplitPlan plan = plan_dropout_hidden(N, K, r, sm_count());
+  Tensor ws = workspace(plan, x2, poison);
+  const DropoutHiddenArgs args{x2.data_ptr(), x2.stride(0), N, K, a.data_ptr(), static_cast<int>(r), rng.data_ptr<int64_t>(),
+                               p16, mask.data_ptr<uint8_t>(), ws.data_ptr<float>()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  launch_dropout_hidden(element_type(x2), args, plan, stream);
+  launch_reduce_splits(element_type(x2), ws.data_ptr<float>(), plan.splits, ws.stride(0), plan.ws_cols, N, r,
+                       static_cast<float>(keep_scale(p16)), hidden.data_ptr(), stream);
+}
+
+/// grad_a = d_hiddenᵀ · (x ∘ keep) and grad_x_lora (+)= (d_hidden · A) ∘ keep, in one pass over x.
+void dropout_grad(const Tensor& x2, const Tensor& mask, const Tensor& d_hidden, const Tensor& a, Tensor& grad_x_lora,
+                  bool accumulate, Tensor& grad_a, bool poison) {
+  const int64_t N = x2.size(0), K = x2.size(1), r = a.size(0);
+  if (K == 0) return;
+  if (N == 0) {
+    grad_a.zero_();
+    return;
+  }
+  const SplitPlan plan = plan_dropout_grad(N, K, r, sm_count());
+  Tensor ws = workspace(plan, x2, poison);
+  const DropoutGradArgs args{x2.data_ptr(), x2.stride(0), N, K, mask.data_ptr<uint8_t>(), d_hidden.data_ptr(), static_cast<int>(r),
+                             a.data_ptr(), grad_x_lora.defined() ? grad_x_lora.data_ptr() : nullptr, accumulate,
+                             ws.data_ptr<float>()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  launch_dropout_grad(element_type(x2), args, plan, stream);
+  launch_reduce_splits(element_type(x2), ws.data_ptr<float>(), plan.splits, ws.stride(0), plan.ws_cols, r, K, 1.0f,
+                       grad_a.data_ptr(), stream);
+}
+
 void check_common(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b) {
   TORCH_CHECK(x.is_cuda(), "lightning_peft_cuda: x must be a CUDA tensor");
   TORCH_CHECK(x.dim() >= 1, "lightning_peft_cuda: x must have at least one dimension");
@@ -94,7 +150,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& w
     mask = at::empty({N, (K + 7) / 8}, x.options().dtype(at::kByte));
     if (poison) mask.fill_(0xFF);
     const Tensor rng_dev = rng.device() == x.device() ? rng.contiguous() : rng.to(x.device()).contiguous();
-    dropout_hidden_forward(x2, a, rng_dev, p16, static_cast<float>(keep_scale(p16)), mask, hidden, poison);
+    dropout_hidden(x2, a, rng_dev, p16, mask, hidden, poison);
   } else {
     mask = at::empty({0}, x.options().dtype(at::kByte));
     at::mm_out(hidden, x2, a.t());  // eval / p == 0: no mask work at all
@@ -156,7 +212,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Ten
                 "lightning_peft_cuda: mask must be uint8 [N, ceil(K/8)] when dropout_p > 0");
     const Tensor m = mask.contiguous();
     if (compute_grad_x && post_add) at::mm_out(gx, g2, weight);
-    dropout_grad_a_backward(x2, m, d_hidden, a, gx, /*accumulate=*/post_add, grad_a, poison);
+    dropout_grad(x2, m, d_hidden, a, gx, /*accumulate=*/post_add, grad_a, poison);
     if (compute_grad_x && !post_add) gx.addmm_(g2, weight);  // beta = 1 onto the masked LoRA term
   } else {
     at::mm_out(grad_a, d_hidden.t(), x2);

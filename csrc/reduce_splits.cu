@@ -1,8 +1,6 @@
 // Deterministic sum of the fp32 partials the tile kernels leave per split, scaled and cast once.
 // The partials are small ([splits, N, R] for hidden, [splits, R, K] for grad_a), so one thread per
 // output element summing the splits in a fixed order is plenty, and results repeat bit for bit.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
@@ -29,19 +27,16 @@ __global__ void reduce_splits_kernel(const float* __restrict__ ws, int64_t split
 
 }  // namespace
 
-void reduce_splits(const at::Tensor& ws, int64_t rows, int64_t cols, float scale, at::Tensor& out) {
-  TORCH_CHECK(ws.dim() == 3 && ws.scalar_type() == at::kFloat && ws.is_contiguous(), "reduce_splits: bad workspace");
-  TORCH_CHECK(out.is_contiguous() && out.numel() == rows * cols, "reduce_splits: bad output");
-  TORCH_CHECK(ws.size(1) >= rows && ws.size(2) >= cols, "reduce_splits: workspace smaller than the output");
+void launch_reduce_splits(ElementType out_type, const float* ws, int64_t splits, int64_t split_stride, int64_t ld,
+                          int64_t rows, int64_t cols, float scale, void* out, cudaStream_t stream) {
   const int64_t total = rows * cols;
   if (total == 0) return;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535);
-  dispatch_float_types(out.scalar_type(), "reduce_splits", [&](auto tag) {
+  dispatch_element_type(out_type, [&](auto tag) {
     using raw_t = typename decltype(tag)::type;
-    reduce_splits_kernel<raw_t><<<static_cast<unsigned>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        ws.data_ptr<float>(), ws.size(0), ws.stride(0), ws.size(2), rows, cols, scale,
-        reinterpret_cast<raw_t*>(out.data_ptr()));
+    reduce_splits_kernel<raw_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(ws, splits, split_stride, ld, rows, cols,
+                                                                                      scale, static_cast<raw_t*>(out));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -13,18 +13,16 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+
+#include "lora_kernels.h"
 
 namespace lightning_peft_cuda {
 
 constexpr int kThreads = 128;  // 4 warps per block
 constexpr int kWarps = kThreads / 32;
-constexpr int kTileRows = 64;  // BM: rows of a tile
-constexpr int kTileCols = 64;  // BK: columns of a tile (multiple of 8: whole mask bytes)
 constexpr int kVecsPerRow = kTileCols / 8;
 constexpr int kVecsPerThread = kTileRows * kVecsPerRow / kThreads;  // 4
-constexpr int kMaxRank = 128;
 
 static_assert(kTileRows * kVecsPerRow % kThreads == 0, "tile must split evenly over the block");
 static_assert(kTileRows == 16 * kWarps, "each warp owns 16 rows in the WMMA layouts");
@@ -33,15 +31,25 @@ template <typename T> struct TypeTag {
   using type = T;
 };
 
-/// Call f(TypeTag<raw_t>{}) with the CUDA element type of `dtype` (float, __half, __nv_bfloat16),
-/// the types WMMA and the conversion intrinsics take. Other dtypes go to the PyTorch fallback
-/// before they get here (see lightning_peft/ops/cuda_backend.py).
-template <typename F> void dispatch_float_types(c10::ScalarType dtype, const char* name, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Float: f(TypeTag<float>{}); break;
-    case c10::ScalarType::Half: f(TypeTag<__half>{}); break;
-    case c10::ScalarType::BFloat16: f(TypeTag<__nv_bfloat16>{}); break;
-    default: TORCH_CHECK(false, name, ": lightning_peft CUDA kernels take float32, float16 or bfloat16, got ", dtype);
+/// Call f(TypeTag<raw_t>{}) with the CUDA element type (float, __half, __nv_bfloat16): the types
+/// WMMA and the conversion intrinsics take.
+template <typename F> void dispatch_element_type(ElementType type, F&& f) {
+  switch (type) {
+    case ElementType::kFloat32: f(TypeTag<float>{}); break;
+    case ElementType::kFloat16: f(TypeTag<__half>{}); break;
+    case ElementType::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
+    default: TORCH_CHECK(false, "lightning_peft_cuda: unknown element type");
+  }
+}
+
+/// Instantiate `launch<raw_t, RF>` for the rank bucket of `rank_pad` (16, 32, 64 or 128).
+template <typename F> void dispatch_rank(int rank_pad, F&& f) {
+  switch (rank_pad) {
+    case 16: f(std::integral_constant<int, 1>{}); break;
+    case 32: f(std::integral_constant<int, 2>{}); break;
+    case 64: f(std::integral_constant<int, 4>{}); break;
+    case 128: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, "lightning_peft_cuda: rank bucket must be 16, 32, 64 or 128, got ", rank_pad);
   }
 }
 
