@@ -3,6 +3,8 @@
 from lightning_peft.peft_model import PeftModel, count_parameters, format_trainable_parameters, get_peft_model
 from lightning_peft.serialization import load_adapter, read_adapter_config, save_adapter
 from lightning_peft.tuners import (
+    AdapterConfig,
+    BitFitConfig,
     LoraConfig,
     LoraLinear,
     PeftConfig,
@@ -19,6 +21,8 @@ from lightning_peft.tuners import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterConfig",
+    "BitFitConfig",
     "LoraConfig",
     "LoraLinear",
     "PeftConfig",

@@ -13,6 +13,8 @@ from lightning_peft.tuners.injection import (
     load_adapter_state_dict,
     remove_adapter,
 )
+from lightning_peft.tuners.adapter import AdapterConfig, AdapterTuner, BottleneckAdapterLayer
+from lightning_peft.tuners.bitfit import BitFitConfig, BitFitTuner
 from lightning_peft.tuners.lora import LoraConfig, LoraLinear, LoraTuner
 from lightning_peft.tuners.prefix import PrefixEncoder, PrefixTuner, PrefixTuningConfig
 from lightning_peft.tuners.prompt import PromptEmbedding, PromptTuner, PromptTuningConfig
@@ -33,6 +35,11 @@ __all__ = [
     "LoraConfig",
     "LoraLinear",
     "LoraTuner",
+    "AdapterConfig",
+    "BottleneckAdapterLayer",
+    "AdapterTuner",
+    "BitFitConfig",
+    "BitFitTuner",
     "PrefixTuningConfig",
     "PrefixEncoder",
     "PrefixTuner",

@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 _TUNER_ATTR = "_lightning_peft_tuner"
+_ADAPTED_BY_ATTR = "_lightning_peft_adapted_by"  # on every submodule of an adapted model: the method's peft_type
 PEFT_PREFIX = "base_model.model."  # HF peft's key prefix: PeftModel.base_model (tuner).model
 _TUNER_CLASSES: dict[str, type["Tuner"]] = {}
 _PEFT_CLASSIFIER_NAMES = ("classifier", "score")
@@ -275,6 +276,11 @@ def inject_adapter(model: nn.Module, config: PeftConfig, *, advance_rng_on_forwa
         if advance_rng_on_forward:
             tuner.rng_hook = model.register_forward_pre_hook(_advance_rng_hook)
         model.__dict__[_TUNER_ATTR] = tuner
+        # Mark every submodule too: the tuner lives on the root, so without the mark a second method
+        # injected into a *submodule* (e.g. the HF model inside an adapted LightningModule) would not
+        # see that an enclosing module is already adapted by a method that adds no layers (BitFit).
+        for module in model.modules():
+            module.__dict__[_ADAPTED_BY_ATTR] = config.peft_type
     except BaseException:
         tuner.unload(model)
         for name, param in model.named_parameters():
@@ -289,6 +295,8 @@ def _existing_adaptation(model: nn.Module) -> Optional[str]:
         tuner = get_tuner(module)
         if tuner is not None:
             return f"{tuner.config.peft_type} on {name or 'the model itself'}"
+    if _ADAPTED_BY_ATTR in model.__dict__:
+        return f"{model.__dict__[_ADAPTED_BY_ATTR]} on a module that encloses it"
     for name, module in model.named_modules():
         if isinstance(module, (AdapterLayer, AdapterModule)):
             return f"{type(module).__name__} at {name}"
@@ -310,6 +318,8 @@ def remove_adapter(model: nn.Module, *, restore_requires_grad: bool = False) -> 
     if hook is not None:
         hook.remove()
     del model.__dict__[_TUNER_ATTR]
+    for module in model.modules():
+        module.__dict__.pop(_ADAPTED_BY_ATTR, None)
     return model
 
 
