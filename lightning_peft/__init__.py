@@ -42,3 +42,22 @@ __all__ = [
     "count_parameters",
     "format_trainable_parameters",
 ]
+
+# Lightning glue. PEFTCallback / AtomicCheckpointIO are imported on first access, so that
+# `import lightning_peft` does not import Lightning (the core works without it).
+from lightning_peft.checkpoint import load_peft_checkpoint  # noqa: E402
+
+__all__ += ["PEFTCallback", "AtomicCheckpointIO", "load_peft_checkpoint"]
+
+_LAZY_EXPORTS = {
+    "PEFTCallback": "lightning_peft.lightning.callback",
+    "AtomicCheckpointIO": "lightning_peft.lightning.checkpoint_io",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")

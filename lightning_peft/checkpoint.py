@@ -1,0 +1,208 @@
+"""Adapter-only Lightning checkpoints: what they record, and loading one without a Trainer.
+
+A checkpoint written with :class:`~lightning_peft.PEFTCallback` holds, in ``checkpoint["state_dict"]``,
+only the adapter's tensors (adapter weights, ``modules_to_save``, trained biases, dropout-RNG
+buffers), keyed as in the LightningModule's own state dict. Next to it, under
+``checkpoint["lightning_peft"]`` (also in weights-only checkpoints), it records what is needed to
+rebuild the adapter on a fresh base model::
+
+    {"format_version": 1,
+     "peft_config": {...},        # config.to_dict(): plain types (torch>=2.6 loads weights_only)
+     "model_attr": "model",       # where the adapted model sits in the LightningModule (None: all of it)
+     "adapter_keys": [...]}       # the LightningModule state-dict keys of the adapter
+
+:func:`load_peft_checkpoint` turns such a file plus a freshly built base model (or the
+LightningModule that holds one) into the adapted model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Optional, TypeVar, Union
+
+import torch
+from torch import nn
+
+from lightning_peft.tuners.config import PeftConfig, config_from_dict
+from lightning_peft.tuners.injection import (
+    get_tuner,
+    inject_adapter,
+    load_adapter_state_dict,
+    remove_adapter,
+)
+
+__all__ = [
+    "CHECKPOINT_METADATA_KEY",
+    "CHECKPOINT_FORMAT_VERSION",
+    "build_checkpoint_metadata",
+    "read_checkpoint_metadata",
+    "resolve_model_attr",
+    "same_config",
+    "load_peft_checkpoint",
+]
+
+CHECKPOINT_METADATA_KEY = "lightning_peft"
+CHECKPOINT_FORMAT_VERSION = 1
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def build_checkpoint_metadata(config: PeftConfig, model_attr: Optional[str], adapter_keys: list[str]) -> dict[str, Any]:
+    """The plain-dict record stored under ``checkpoint["lightning_peft"]``."""
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "peft_config": config.to_dict(),
+        "model_attr": model_attr,
+        "adapter_keys": sorted(adapter_keys),
+    }
+
+
+def read_checkpoint_metadata(checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The ``lightning_peft`` record of a loaded checkpoint dict, or None if it has none.
+
+    Looks at the top-level key first (every checkpoint the callback writes has it), then at the
+    callback's own state (``checkpoint["callbacks"]["PEFTCallback..."]``).
+    """
+    meta = checkpoint.get(CHECKPOINT_METADATA_KEY)
+    if isinstance(meta, dict):
+        return meta
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith("PEFTCallback") and isinstance(state, dict) and "peft_config" in state:
+            return state
+    return None
+
+
+def resolve_model_attr(root: nn.Module, model_attr: Optional[str]) -> Optional[nn.Module]:
+    """``root.<model_attr>`` for a dotted path (``root`` itself for None); None while it is unset.
+
+    Raises:
+        TypeError: the attribute exists but is not an ``nn.Module``.
+    """
+    if not model_attr:
+        return root
+    obj: Any = root
+    for part in model_attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    if not isinstance(obj, nn.Module):
+        raise TypeError(
+            f"{type(root).__name__}.{model_attr} is a {type(obj).__name__}, not an nn.Module: "
+            "model_attr must name the model to adapt (e.g. 'model' for self.model)"
+        )
+    return obj
+
+
+def same_config(a: PeftConfig, b: PeftConfig) -> bool:
+    """Whether two configs describe the same adapter (``inference_mode`` aside)."""
+    da, db = a.to_dict(), b.to_dict()
+    da.pop("inference_mode", None)
+    db.pop("inference_mode", None)
+    return da == db
+
+
+def load_peft_checkpoint(
+    model: ModuleT,
+    checkpoint_path: Union[str, os.PathLike],
+    *,
+    is_trainable: bool = False,
+    map_location: Any = "cpu",
+    weights_only: bool = True,
+) -> ModuleT:
+    """Put the adapter of a PEFTCallback checkpoint onto a fresh base model, without a Trainer.
+
+    Example::
+
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        model = load_peft_checkpoint(base, "runs/sst2_lora/checkpoints/last.ckpt")
+        # or the LightningModule that holds the base model (model_attr recorded in the checkpoint):
+        module = load_peft_checkpoint(TextClassifier(path), "runs/sst2_lora/checkpoints/last.ckpt")
+
+    Args:
+        model: the base model the adapter was trained on (a transformers model or any
+            ``nn.Module``), or a LightningModule holding it. For a LightningModule the adapter
+            goes where the callback put it (its recorded ``model_attr``); a LightningModule that
+            builds its model in ``configure_model`` gets that called first.
+        checkpoint_path: a ``.ckpt`` written by a Trainer with ``PEFTCallback`` (full or weights-only).
+        is_trainable: keep the adapter trainable; by default nothing requires grad and the model
+            is put in eval mode.
+        map_location: passed to ``torch.load``; tensors are copied onto the model's devices anyway.
+        weights_only: passed to ``torch.load`` (our checkpoints are plain data; set False only for
+            trusted checkpoints whose hyper-parameters hold arbitrary objects).
+
+    Returns:
+        ``model`` itself, adapted in place.
+
+    Raises:
+        ValueError: the file has no lightning_peft record, or its adapter does not fit the model
+            (the message names the missing / unexpected keys and mismatching shapes). The model is
+            left as it was.
+    """
+    path = os.fspath(checkpoint_path)
+    checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+    meta = read_checkpoint_metadata(checkpoint)
+    if meta is None:
+        raise ValueError(
+            f"{path} has no '{CHECKPOINT_METADATA_KEY}' record: it was not written by a Trainer with "
+            "PEFTCallback. Train with `Trainer(callbacks=[PEFTCallback(config)])`, or load a peft adapter "
+            "directory with lightning_peft.load_adapter()"
+        )
+    config = config_from_dict(meta["peft_config"])
+    config.inference_mode = not is_trainable
+    model_attr = meta.get("model_attr")
+    target, prefix = _locate_target(model, model_attr)
+    state = checkpoint.get("state_dict", {})
+    outside = sorted(k for k in state if not k.startswith(prefix))
+    if outside:
+        raise ValueError(
+            f"{path} holds keys outside '{prefix}' (where the adapter was trained: model_attr={model_attr!r}): "
+            f"{outside[:6]}. Pass the LightningModule the checkpoint was trained with, or the model it holds at "
+            f"'{model_attr}'"
+        )
+    adapter_state = {k[len(prefix):]: v for k, v in state.items()}
+
+    existing = get_tuner(target)
+    if existing is not None and not same_config(existing.config, config):
+        raise ValueError(
+            f"{type(target).__name__} already carries a different adapter ({existing.config}); the checkpoint's is "
+            f"{config}. Pass a fresh base model"
+        )
+    injected = existing is None
+    if injected:
+        inject_adapter(target, copy.deepcopy(config), advance_rng_on_forward=is_trainable)
+    try:
+        load_adapter_state_dict(target, adapter_state)
+    except ValueError as err:
+        if injected:
+            remove_adapter(target, restore_requires_grad=True)
+        raise ValueError(f"{path}: {err}") from err
+    if not is_trainable:
+        model.eval()
+    return model
+
+
+def _locate_target(model: nn.Module, model_attr: Optional[str]) -> tuple[nn.Module, str]:
+    """The module to adapt, and the prefix its keys carry in the checkpoint's state dict."""
+    prefix = f"{model_attr}." if model_attr else ""
+    if not _is_lightning_module(model):
+        return model, prefix  # the base model itself: checkpoint keys lose the prefix
+    target = resolve_model_attr(model, model_attr)
+    if target is None and callable(getattr(model, "configure_model", None)):
+        model.configure_model()  # the model is built there, not in __init__
+        target = resolve_model_attr(model, model_attr)
+    if target is None:
+        raise ValueError(
+            f"{type(model).__name__} has no model at '{model_attr}' (where the checkpoint's adapter was trained), "
+            "even after configure_model(); pass the LightningModule class the checkpoint came from"
+        )
+    return target, prefix
+
+
+def _is_lightning_module(model: nn.Module) -> bool:
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # Lightning is optional for inference
+        return False
+    return isinstance(model, LightningModule)
+

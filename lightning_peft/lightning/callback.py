@@ -1,0 +1,314 @@
+"""``PEFTCallback``: adapt an unchanged LightningModule's model, train only the adapter, save only the adapter.
+
+Where each job happens, and why there (Lightning 2.6 order in ``fit``: ``Callback.setup`` →
+``LightningModule.setup`` → ``configure_model`` → checkpoint restore of the module → ``strategy.setup``
+(DDP/FSDP wrap, *then* optimizers) → ``on_fit_start``):
+
+* injection + freezing: in ``setup`` when the model already exists (built in ``__init__``), else
+  right after the module's own ``configure_model`` (the callback wraps it for that one call).
+  Either way before any wrapper or optimizer sees the parameters, and only once: a model that
+  already carries this adapter (validate/test/predict after fit, a second ``fit``) is left alone.
+* optimizer check: ``on_fit_start``, the first hook after optimizers exist.
+* dropout RNG: ``on_train_batch_start`` advances the adapters' (seed, offset) buffers once per
+  micro-batch; the buffers travel in the checkpoint, so a resumed run draws the same masks.
+* adapter-only checkpoints: an :class:`~lightning_peft.lightning.checkpoint_io.AdapterCheckpointIO`
+  around the strategy's CheckpointIO (it also sees weights-only saves, which skip
+  ``Callback.on_save_checkpoint``); ``strict_loading = False`` on the module so Lightning accepts
+  the partial state dict, with our own strict check of the adapter keys instead.
+
+This module only uses the method-agnostic functions of :mod:`lightning_peft.tuners`
+(``inject_adapter``, ``get_tuner``, ``adapter_state_dict``, ``advance_dropout_rng``), so every PEFT
+method works through it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_peft.checkpoint import (
+    CHECKPOINT_METADATA_KEY,
+    build_checkpoint_metadata,
+    read_checkpoint_metadata,
+    resolve_model_attr,
+    same_config,
+)
+from lightning_peft.lightning.checkpoint_io import AdapterCheckpointIO, AtomicCheckpointIO
+from lightning_peft.peft_model import format_trainable_parameters
+from lightning_peft.tuners.config import PeftConfig, config_from_dict
+from lightning_peft.tuners.injection import adapter_state_dict, advance_dropout_rng, get_tuner, inject_adapter
+
+__all__ = ["PEFTCallback"]
+
+_WRAPPED_MARK = "_lightning_peft_configure_model"
+
+try:  # let jsonargparse / LightningCLI accept `class_path: lightning_peft.LoraConfig` for a PeftConfig argument
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(subclasses_enabled=[PeftConfig])
+except (ImportError, TypeError):  # jsonargparse is optional (only the CLI needs it)
+    pass
+
+
+class PEFTCallback(Callback):
+    r"""Fine-tune a LightningModule's model with a PEFT method: inject, freeze, train and save only the adapter.
+
+    Works on an unchanged LightningModule, whether it builds its model in ``__init__`` or in
+    ``configure_model``. Configure optimizers from the trainable parameters
+    (``filter(lambda p: p.requires_grad, self.parameters())`` or simply ``self.parameters()``)
+    inside ``configure_optimizers``, which runs after the injection.
+
+    Args:
+        peft_config: the method and its settings, e.g. ``LoraConfig(r=8, target_modules=["q_proj", "v_proj"])``.
+        model_attr: dotted attribute path of the model inside the LightningModule (``"model"`` for
+            ``self.model``); None adapts the whole LightningModule. Target names are matched
+            relative to that module, and suffixes work either way.
+        adapter_only_checkpoints: make checkpoints hold only the adapter (plus ``modules_to_save``
+            and the dropout RNG state) and accept such partial checkpoints on resume.
+        atomic_checkpoints: write checkpoint files atomically (replace Lightning's default
+            ``TorchCheckpointIO`` with :class:`AtomicCheckpointIO`; a custom CheckpointIO is kept).
+        verbose: report trainable vs total parameters at fit start (rank zero).
+
+    Raises:
+        TypeError: ``peft_config`` is not a PeftConfig.
+        ValueError: bad config (on construction); at setup: the model is missing, the targets match
+            nothing, or the module carries a different adapter.
+        RuntimeError: at fit start, some trainable parameter is in no optimizer.
+
+    Example::
+
+        from lightning_peft import LoraConfig, PEFTCallback
+
+        peft = PEFTCallback(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), model_attr="model")
+        trainer = Trainer(callbacks=[peft, ModelCheckpoint(save_last=True)])
+        trainer.fit(module)                                  # only the adapter trains; checkpoints hold only it
+        trainer.fit(fresh_module, ckpt_path="last")          # exact resume on a freshly built base model
+    """
+
+    def __init__(
+        self,
+        peft_config: PeftConfig,
+        model_attr: Optional[str] = None,
+        adapter_only_checkpoints: bool = True,
+        atomic_checkpoints: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(
+                f"PEFTCallback needs a PeftConfig such as LoraConfig(...), got {type(peft_config).__name__}; "
+                "in YAML give it as {class_path: lightning_peft.LoraConfig, init_args: {...}}"
+            )
+        peft_config = copy.deepcopy(peft_config)
+        peft_config.validate()  # bad settings fail here, not at the first fit
+        self.peft_config = peft_config
+        self.model_attr = model_attr or None
+        self.adapter_only_checkpoints = adapter_only_checkpoints
+        self.atomic_checkpoints = atomic_checkpoints
+        self.verbose = verbose
+        self._target: Any = None  # the adapted nn.Module (a reference, not a path: wrappers move paths)
+        self._adapter_keys: frozenset[str] = frozenset()  # LightningModule state-dict keys of the adapter
+        self._model_keys: frozenset[str] = frozenset()
+        self._param_report = ""
+        self._stage: Optional[str] = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(model_attr=self.model_attr)
+
+    # ------------------------------------------------------------------ injection
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage
+        self._configure_checkpointing(trainer, pl_module)
+        target = resolve_model_attr(pl_module, self.model_attr)
+        if target is not None:
+            self._adapt(pl_module, target, stage)
+        elif is_overridden("configure_model", pl_module):
+            self._inject_after_configure_model(pl_module, stage)
+        else:
+            raise ValueError(self._missing_model_message(pl_module))
+
+    def _inject_after_configure_model(self, pl_module: pl.LightningModule, stage: str) -> None:
+        """Wrap the instance's ``configure_model`` once: run it, then adapt what it built."""
+        if _WRAPPED_MARK in pl_module.__dict__:
+            return
+        original = pl_module.configure_model
+
+        def configure_model() -> None:
+            del pl_module.__dict__["configure_model"]  # one-shot: the instance is plain again
+            del pl_module.__dict__[_WRAPPED_MARK]
+            original()
+            target = resolve_model_attr(pl_module, self.model_attr)
+            if target is None:
+                raise ValueError(self._missing_model_message(pl_module))
+            self._adapt(pl_module, target, stage)
+
+        pl_module.__dict__["configure_model"] = configure_model
+        pl_module.__dict__[_WRAPPED_MARK] = True
+
+    def _adapt(self, pl_module: pl.LightningModule, target: Any, stage: str) -> None:
+        tuner = get_tuner(target)
+        if tuner is None:
+            tuner = inject_adapter(target, copy.deepcopy(self.peft_config), advance_rng_on_forward=False)
+        else:
+            self._check_existing_adapter(tuner.config, stage)
+            hook = getattr(tuner, "rng_hook", None)
+            if hook is not None:  # adapted elsewhere with forward-advancing RNG: this callback advances it now
+                hook.remove()
+                tuner.rng_hook = None
+        prefix = f"{self.model_attr}." if self.model_attr else ""
+        self._target = target
+        self._adapter_keys = frozenset(prefix + k for k in adapter_state_dict(target))
+        self._model_keys = frozenset(pl_module.state_dict())
+        self._param_report = format_trainable_parameters(target)
+
+    def _check_existing_adapter(self, existing: PeftConfig, stage: str) -> None:
+        if not same_config(existing, self.peft_config):
+            raise ValueError(
+                f"the model already carries a different adapter ({existing}) than this PEFTCallback's "
+                f"({self.peft_config}). Give the callback the same config, or start from a fresh base model"
+            )
+        if existing.inference_mode and stage == "fit":
+            raise ValueError(
+                "the model's adapter was loaded for inference (nothing trainable); to train it, load it with "
+                "load_peft_checkpoint(..., is_trainable=True) or start from a fresh base model"
+            )
+
+    def _missing_model_message(self, pl_module: pl.LightningModule) -> str:
+        children = ", ".join(name for name, _ in pl_module.named_children()) or "(none)"
+        return (
+            f"PEFTCallback(model_attr={self.model_attr!r}) found no model at {type(pl_module).__name__}."
+            f"{self.model_attr}: it is not set in __init__ nor by configure_model(). Set model_attr to the "
+            f"attribute holding the model (submodules: {children}), or None to adapt the whole LightningModule"
+        )
+
+    # ------------------------------------------------------------------ training
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_optimizers(trainer, pl_module)
+        if self.verbose:
+            rank_zero_info(f"PEFTCallback ({self.peft_config.peft_type}): {self._param_report}")
+
+    def _check_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainable = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        if not trainer.optimizers:
+            rank_zero_warn("PEFTCallback: no optimizer is configured, so the adapter will not be trained")
+            return
+        optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        missing = [name for name, p in trainable if id(p) not in optimized]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            raise RuntimeError(
+                f"PEFTCallback: {len(missing)} trainable parameters belong to no optimizer and would never be "
+                f"updated: {shown}. The optimizer was built before the adapter was injected. The usual cause is "
+                "LightningCLI's `--optimizer` / `optimizer:` option, which builds the optimizer from "
+                "model.parameters() before fit starts. Fix: build it in your LightningModule's "
+                "configure_optimizers (e.g. torch.optim.AdamW(p for p in self.parameters() if p.requires_grad)), "
+                "which runs after the injection, or run through the `lightning-peft` CLI, whose --optimizer is "
+                "built from the trainable parameters at fit time"
+            )
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._target is not None:
+            advance_dropout_rng(self._target)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if pl_module.__dict__.pop(_WRAPPED_MARK, None):  # configure_model never ran: undo the wrap
+            pl_module.__dict__.pop("configure_model", None)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _configure_checkpointing(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        io = strategy.checkpoint_io
+        if isinstance(io, AdapterCheckpointIO):
+            io = io.checkpoint_io  # a previous stage's wrapper: rewrap for this callback
+        if self.atomic_checkpoints and type(io) is TorchCheckpointIO:
+            io = AtomicCheckpointIO()
+        if self.adapter_only_checkpoints:
+            io = AdapterCheckpointIO(io, self._filter_checkpoint, self._check_checkpoint)
+            pl_module.strict_loading = False  # Lightning accepts the partial state dict; _check_checkpoint is strict instead
+        strategy.checkpoint_io = io
+
+    def _metadata(self) -> dict[str, Any]:
+        return build_checkpoint_metadata(self.peft_config, self.model_attr, sorted(self._adapter_keys))
+
+    def _filter_checkpoint(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """A copy of a Lightning checkpoint whose state dict holds only the adapter, plus our record."""
+        state = checkpoint["state_dict"]
+        if not self._adapter_keys:
+            return checkpoint  # nothing injected (yet): leave Lightning's checkpoint alone
+        missing = sorted(self._adapter_keys - set(state))
+        if missing and state:
+            raise RuntimeError(
+                f"PEFTCallback: the state dict to save lacks adapter keys {missing[:5]}: this strategy names or "
+                "shards parameters differently (FSDP needs state_dict_type='full'; DeepSpeed writes its own "
+                "files, see exclude_frozen_parameters=True)"
+            )
+        kept = {k: v for k, v in state.items() if k in self._adapter_keys}
+        return {**checkpoint, "state_dict": kept, CHECKPOINT_METADATA_KEY: self._metadata()}
+
+    def _check_checkpoint(self, checkpoint: dict[str, Any], path: str) -> None:
+        """Before Lightning restores anything: the checkpoint's adapter must be this one."""
+        meta = read_checkpoint_metadata(checkpoint)
+        if meta is not None:
+            self._check_config_dict(meta.get("peft_config", {}), path)
+        if self._stage == "fit" and "optimizer_states" not in checkpoint:
+            raise ValueError(
+                f"checkpoint {path} is weights-only (ModelCheckpoint(save_weights_only=True)): it cannot resume "
+                "training (no optimizer, scheduler or loop state). Resume from a full checkpoint, use this one with "
+                "validate/test/predict, or start a new fit from its adapter: "
+                "load_peft_checkpoint(module, path, is_trainable=True), then trainer.fit(module) without ckpt_path"
+            )
+        if not self._adapter_keys:
+            return
+        state = checkpoint["state_dict"]
+        missing = sorted(self._adapter_keys - set(state))
+        unexpected = sorted(set(state) - self._model_keys)
+        if missing or unexpected:
+            problems = []
+            if missing:
+                problems.append(f"missing adapter keys {_few(missing)}")
+            if unexpected:
+                problems.append(f"keys the model does not have {_few(unexpected)}")
+            raise ValueError(
+                f"checkpoint {path} does not fit this model + adapter: {'; '.join(problems)}. Resume with the same "
+                f"LightningModule, model_attr ({self.model_attr!r}) and PEFT config it was trained with"
+            )
+
+    def _check_config_dict(self, saved: dict[str, Any], path: str) -> None:
+        if not saved:
+            return
+        try:
+            saved_config = config_from_dict(saved)
+        except ValueError as err:
+            raise ValueError(f"checkpoint {path}: {err}") from err
+        if not same_config(saved_config, self.peft_config):
+            raise ValueError(
+                f"checkpoint {path} was trained with {saved_config}, but this PEFTCallback has {self.peft_config}. "
+                "Use the checkpoint's config to resume or evaluate it"
+            )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self._metadata()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_config_dict(state_dict.get("peft_config", {}), "being restored")
+
+
+def _few(items: list[str], limit: int = 6) -> str:
+    return "[" + ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "") + "]"
