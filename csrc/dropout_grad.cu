@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int LDX = Smem::kLdx;
   constexpr int LDD = Smem::kLdd;
   constexpr int LDC = Smem::kLdc;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LIGHTNING_PEFT_DYNAMIC_SMEM(smem);
   raw_t* xs = reinterpret_cast<raw_t*>(smem);
   raw_t* ds = reinterpret_cast<raw_t*>(smem + Smem::kXsBytes);
   raw_t* as = reinterpret_cast<raw_t*>(smem + Smem::kXsBytes + Smem::kDsBytes);
@@ -236,12 +236,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename raw_t, int RF>
 void launch_grad(const DropoutGradArgs& args, const SplitPlan& plan, cudaStream_t stream) {
-  using Smem = GradSmem<raw_t, RF>;
   auto kernel = dropout_grad_kernel<raw_t, RF>;
-  const size_t smem = Smem::kBytes;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  const size_t smem = GradSmem<raw_t, RF>::kBytes;
+  allow_dynamic_smem(kernel, smem);
   const auto* xp = static_cast<const raw_t*>(args.x);
   const auto* ap = static_cast<const raw_t*>(args.a);
   auto* gp = static_cast<raw_t*>(args.grad_x_lora);
@@ -249,24 +246,33 @@ void launch_grad(const DropoutGradArgs& args, const SplitPlan& plan, cudaStream_
   const bool vec_ok_a = args.K % 8 == 0 && reinterpret_cast<uintptr_t>(ap) % 16 == 0;
   const bool vec_ok_gx = args.K % 8 == 0 && reinterpret_cast<uintptr_t>(gp) % 16 == 0;
   const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.splits));
-  kernel<<<grid, kThreads, smem, stream>>>(xp, args.ldx, args.N, args.K, vec_ok_x, args.mask, (args.K + 7) / 8,
-                                           static_cast<const raw_t*>(args.d_hidden), args.r, ap, vec_ok_a, gp,
-                                           args.accumulate, vec_ok_gx, args.ws, plan.ws_cols, plan.per_split);
+  LIGHTNING_PEFT_LAUNCH(kernel, grid, kThreads, smem, stream, xp, args.ldx, args.N, args.K, vec_ok_x, args.mask, (args.K + 7) / 8,
+                        static_cast<const raw_t*>(args.d_hidden), args.r, ap, vec_ok_a, gp, args.accumulate, vec_ok_gx, args.ws,
+                        plan.ws_cols, plan.per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-SplitPlan plan_dropout_grad(int64_t N, int64_t K, int64_t r, int sm_count) {
+SplitPlan plan_dropout_grad(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count) {
   TORCH_CHECK(r >= 1 && r <= kMaxRank, "lightning_peft CUDA kernels support rank 1..", kMaxRank, ", got ", r);
+  const int rank_pad = rank_bucket(r);
+  int per_sm = 1;
+  dispatch_element_type(type, [&](auto tag) {
+    using raw_t = typename decltype(tag)::type;
+    dispatch_rank(rank_pad, [&](auto rf) {
+      constexpr int RF = decltype(rf)::value;
+      per_sm = resident_blocks_per_sm(dropout_grad_kernel<raw_t, RF>, GradSmem<raw_t, RF>::kBytes);
+    });
+  });
   const int64_t col_tiles = std::max<int64_t>((K + kTileCols - 1) / kTileCols, 1);
   const int64_t row_tiles = std::max<int64_t>((N + kTileRows - 1) / kTileRows, 1);
-  // Enough row splits for ~4 blocks per SM when K alone gives fewer.
-  int64_t splits = std::clamp<int64_t>((4 * int64_t{sm_count} + col_tiles - 1) / col_tiles, 1, std::min<int64_t>(row_tiles, 65535));
+  // Split N so that the grid is one full wave of resident blocks (see plan_dropout_hidden).
+  const int64_t wave = int64_t{sm_count} * per_sm;
+  int64_t splits = std::clamp<int64_t>(wave / col_tiles, 1, std::min<int64_t>(row_tiles, 65535));
   const int64_t tiles_per_split = (row_tiles + splits - 1) / splits;
   splits = (row_tiles + tiles_per_split - 1) / tiles_per_split;
   TORCH_CHECK(col_tiles <= 0x7FFFFFFF, "lightning_peft_cuda: too many columns for one launch");
-  const int rank_pad = rank_bucket(r);
   return SplitPlan{col_tiles, splits, tiles_per_split * kTileRows, rank_pad, rank_pad, col_tiles * kTileCols};
 }
 

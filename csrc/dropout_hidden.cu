@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
   using Smem = HiddenSmem<raw_t, RF>;
   constexpr int R = Smem::kRank;
   constexpr int LDX = Smem::kLdx;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LIGHTNING_PEFT_DYNAMIC_SMEM(smem);
   raw_t* xs = reinterpret_cast<raw_t*>(smem);
   raw_t* as = reinterpret_cast<raw_t*>(smem + Smem::kXsBytes);
 
@@ -175,34 +175,41 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename raw_t, int RF>
 void launch_hidden(const DropoutHiddenArgs& args, const SplitPlan& plan, cudaStream_t stream) {
-  using Smem = HiddenSmem<raw_t, RF>;
   auto kernel = dropout_hidden_kernel<raw_t, RF>;
-  const size_t smem = Smem::kBytes;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  const size_t smem = HiddenSmem<raw_t, RF>::kBytes;
+  allow_dynamic_smem(kernel, smem);
   const auto* xp = static_cast<const raw_t*>(args.x);
   const auto* ap = static_cast<const raw_t*>(args.a);
   const bool vec_ok_x = args.K % 8 == 0 && args.ldx % 8 == 0 && reinterpret_cast<uintptr_t>(xp) % 16 == 0;
   const bool vec_ok_a = args.K % 8 == 0 && reinterpret_cast<uintptr_t>(ap) % 16 == 0;
   const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.splits));
-  kernel<<<grid, kThreads, smem, stream>>>(xp, args.ldx, args.N, args.K, ap, args.r, vec_ok_x, vec_ok_a, args.rng, args.p16,
-                                           args.mask, (args.K + 7) / 8, args.ws, plan.ws_rows, plan.per_split);
+  LIGHTNING_PEFT_LAUNCH(kernel, grid, kThreads, smem, stream, xp, args.ldx, args.N, args.K, ap, args.r, vec_ok_x, vec_ok_a,
+                        args.rng, args.p16, args.mask, (args.K + 7) / 8, args.ws, plan.ws_rows, plan.per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-SplitPlan plan_dropout_hidden(int64_t N, int64_t K, int64_t r, int sm_count) {
+SplitPlan plan_dropout_hidden(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count) {
   TORCH_CHECK(r >= 1 && r <= kMaxRank, "lightning_peft CUDA kernels support rank 1..", kMaxRank, ", got ", r);
+  const int rank_pad = rank_bucket(r);
+  int per_sm = 1;
+  dispatch_element_type(type, [&](auto tag) {
+    using raw_t = typename decltype(tag)::type;
+    dispatch_rank(rank_pad, [&](auto rf) {
+      constexpr int RF = decltype(rf)::value;
+      per_sm = resident_blocks_per_sm(dropout_hidden_kernel<raw_t, RF>, HiddenSmem<raw_t, RF>::kBytes);
+    });
+  });
   const int64_t row_tiles = std::max<int64_t>((N + kTileRows - 1) / kTileRows, 1);
   const int64_t chunks = std::max<int64_t>((K + kTileCols - 1) / kTileCols, 1);
-  // Enough K splits for ~4 blocks per SM when N alone gives fewer.
-  int64_t splits = std::clamp<int64_t>((4 * int64_t{sm_count} + row_tiles - 1) / row_tiles, 1, std::min<int64_t>(chunks, 65535));
+  // Split K so that the grid is one full wave of resident blocks (each block then streams its
+  // K range): no second, mostly idle wave. With many rows, no split at all.
+  const int64_t wave = int64_t{sm_count} * per_sm;
+  int64_t splits = std::clamp<int64_t>(wave / row_tiles, 1, std::min<int64_t>(chunks, 65535));
   const int64_t chunks_per_split = (chunks + splits - 1) / splits;
   splits = (chunks + chunks_per_split - 1) / chunks_per_split;
   TORCH_CHECK(row_tiles <= 0x7FFFFFFF, "lightning_peft_cuda: too many rows for one launch");
-  const int rank_pad = rank_bucket(r);
   return SplitPlan{row_tiles, splits, chunks_per_split * kTileCols, rank_pad, row_tiles * kTileRows, rank_pad};
 }
 

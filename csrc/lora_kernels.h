@@ -31,11 +31,11 @@ struct SplitPlan {
   int64_t ws_rows, ws_cols;
 };
 
-/// Forward: x ∘ keep times Aᵀ, split over K so that about 4 blocks per SM are in flight.
-SplitPlan plan_dropout_hidden(int64_t N, int64_t K, int64_t r, int sm_count);
+/// Forward: x ∘ keep times Aᵀ, split over K so that the grid fills one wave of resident blocks.
+SplitPlan plan_dropout_hidden(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count);
 
-/// Backward: split over N (each block owns 64 columns of x for a range of rows).
-SplitPlan plan_dropout_grad(int64_t N, int64_t K, int64_t r, int sm_count);
+/// Backward: split over N (each block owns 64 columns of x for a range of rows), same rule.
+SplitPlan plan_dropout_grad(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count);
 
 struct DropoutHiddenArgs {
   const void* x;  // [N, K], unit column stride, row stride ldx

@@ -8,13 +8,15 @@
 // through ATen; the passes over x that need the dropout mask are the fused kernels in the .cu files.
 // The LoRA term is written first and the base GEMM accumulates onto it with beta = 1, so the
 // [N, D] output is written by one GEMM and never read back by a separate pass.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#ifndef LIGHTNING_PEFT_EMULATE
 #include <Python.h>
 
-#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#endif
 
 #include <cmath>
 #include <limits>
@@ -69,7 +71,17 @@ ElementType element_type(const Tensor& t) {
   }
 }
 
+// The CPU emulation build (csrc/emulation/, tests only) runs this file on CPU tensors: no device
+// guard, no stream, a pretend 4-SM device (small waves, so the split paths are exercised).
+#ifndef LIGHTNING_PEFT_EMULATE
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+#define LIGHTNING_PEFT_DEVICE_GUARD(t) const c10::cuda::CUDAGuard device_guard((t).device())
+#else
+int sm_count() { return 4; }
+cudaStream_t current_stream() { return nullptr; }
+#define LIGHTNING_PEFT_DEVICE_GUARD(t) (void)(t)
+#endif
 
 Tensor workspace(const SplitPlan& plan, const Tensor& like, bool poison) {
   Tensor ws = at::empty({plan.splits, plan.ws_rows, plan.ws_cols}, like.options().dtype(at::kFloat));
@@ -85,11 +97,11 @@ void dropout_hidden(const Tensor& x2, const Tensor& a, const Tensor& rng, uint32
     hidden.zero_();
     return;
   }
-  const SplitPlan plan = plan_dropout_hidden(N, K, r, sm_count());
+  const SplitPlan plan = plan_dropout_hidden(element_type(x2), N, K, r, sm_count());
   Tensor ws = workspace(plan, x2, poison);
   const DropoutHiddenArgs args{x2.data_ptr(), x2.stride(0), N, K, a.data_ptr(), static_cast<int>(r), rng.data_ptr<int64_t>(),
                                p16, mask.data_ptr<uint8_t>(), ws.data_ptr<float>()};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   launch_dropout_hidden(element_type(x2), args, plan, stream);
   launch_reduce_splits(element_type(x2), ws.data_ptr<float>(), plan.splits, ws.stride(0), plan.ws_cols, N, r,
                        static_cast<float>(keep_scale(p16)), hidden.data_ptr(), stream);
@@ -104,19 +116,21 @@ void dropout_grad(const Tensor& x2, const Tensor& mask, const Tensor& d_hidden, 
     grad_a.zero_();
     return;
   }
-  const SplitPlan plan = plan_dropout_grad(N, K, r, sm_count());
+  const SplitPlan plan = plan_dropout_grad(element_type(x2), N, K, r, sm_count());
   Tensor ws = workspace(plan, x2, poison);
   const DropoutGradArgs args{x2.data_ptr(), x2.stride(0), N, K, mask.data_ptr<uint8_t>(), d_hidden.data_ptr(), static_cast<int>(r),
                              a.data_ptr(), grad_x_lora.defined() ? grad_x_lora.data_ptr() : nullptr, accumulate,
                              ws.data_ptr<float>()};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   launch_dropout_grad(element_type(x2), args, plan, stream);
   launch_reduce_splits(element_type(x2), ws.data_ptr<float>(), plan.splits, ws.stride(0), plan.ws_cols, r, K, 1.0f,
                        grad_a.data_ptr(), stream);
 }
 
 void check_common(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b) {
+#ifndef LIGHTNING_PEFT_EMULATE
   TORCH_CHECK(x.is_cuda(), "lightning_peft_cuda: x must be a CUDA tensor");
+#endif
   TORCH_CHECK(x.dim() >= 1, "lightning_peft_cuda: x must have at least one dimension");
   const int64_t K = x.size(-1);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "lightning_peft_cuda: weight must be [D, K]");
@@ -136,7 +150,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& w
   check_common(x, weight, lora_a, lora_b);
   TORCH_CHECK(rng.scalar_type() == at::kLong && rng.numel() == 2, "lightning_peft_cuda: rng must be int64 [2]");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "lightning_peft_cuda: dropout_p must be in [0, 1)");
-  const c10::cuda::CUDAGuard guard(x.device());
+  LIGHTNING_PEFT_DEVICE_GUARD(x);
   const bool poison = flags & kFlagPoison;
   const int64_t K = x.size(-1), D = weight.size(0), r = lora_a.size(0);
   const Tensor x2 = rows_of(x, K);  // [N, K]
@@ -165,11 +179,10 @@ std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& w
     }
     y.addmm_(hidden, lora_b.t(), 1.0, scaling);  // reads and writes y once more
   } else {
-    const Tensor b_scaled = lora_b * scaling;  // [D, r]: folding the scale into B is cheaper than into y
     if (bias.has_value() && bias->defined()) {
-      at::addmm_out(y, *bias, hidden, b_scaled.t());
+      at::addmm_out(y, *bias, hidden, lora_b.t(), 1.0, scaling);
     } else {
-      at::mm_out(y, hidden, b_scaled.t());
+      at::addmm_out(y, y, hidden, lora_b.t(), 0.0, scaling);  // beta = 0: y's old contents are ignored
     }
     y.addmm_(x2, weight.t());  // beta = 1: the base GEMM accumulates onto the LoRA term
   }
@@ -181,7 +194,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Ten
                                                  const Tensor& mask, double scaling, double dropout_p, bool compute_grad_x,
                                                  int64_t flags) {
   check_common(x, weight, lora_a, lora_b);
-  const c10::cuda::CUDAGuard guard(x.device());
+  LIGHTNING_PEFT_DEVICE_GUARD(x);
   const bool poison = flags & kFlagPoison;
   const bool post_add = flags & kFlagPostAdd;
   const int64_t K = x.size(-1), D = weight.size(0), r = lora_a.size(0);
@@ -197,12 +210,11 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Ten
   const double dh_scale = dropout ? scaling * keep_scale(p16) : scaling;
 
   // The two skinny GEMMs over dy: grad_b = s dyᵀ h [D, r] and d_hidden = s ks dy B [N, r].
+  // beta = 0 ignores the outputs' old contents; the scales ride on cuBLAS's alpha.
   Tensor grad_b = empty_like_rows(D, r, x, poison);
-  at::mm_out(grad_b, g2.t(), lora_hidden);
-  grad_b.mul_(scaling);
+  at::addmm_out(grad_b, grad_b, g2.t(), lora_hidden, 0.0, scaling);
   Tensor d_hidden = empty_like_rows(N, r, x, poison);
-  at::mm_out(d_hidden, g2, lora_b);
-  d_hidden.mul_(dh_scale);
+  at::addmm_out(d_hidden, d_hidden, g2, lora_b, 0.0, dh_scale);
 
   Tensor grad_a = empty_like_rows(r, K, x, poison);  // [r, K]
   Tensor gx;                                         // [N, K]
@@ -233,6 +245,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Ten
 }  // namespace
 }  // namespace lightning_peft_cuda
 
+#ifndef LIGHTNING_PEFT_EMULATE
 TORCH_LIBRARY(lightning_peft_cuda, m) {
   m.def(
       "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor rng, float scaling, "
@@ -247,6 +260,23 @@ TORCH_LIBRARY_IMPL(lightning_peft_cuda, CUDA, m) {
   m.impl("lora_backward", &lightning_peft_cuda::lora_backward);
 }
 
+#else
+TORCH_LIBRARY(lightning_peft_cuda_emu, m) {  // same schemas, CPU tensors through the emulated kernels
+  m.def(
+      "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor rng, float scaling, "
+      "float dropout_p, bool training, int flags) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor lora_hidden, "
+      "Tensor mask, float scaling, float dropout_p, bool compute_grad_x, int flags) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lightning_peft_cuda_emu, CPU, m) {
+  m.impl("lora_forward", &lightning_peft_cuda::lora_forward);
+  m.impl("lora_backward", &lightning_peft_cuda::lora_backward);
+}
+#endif
+
+#ifndef LIGHTNING_PEFT_EMULATE
 // `import lightning_peft._C` loads this library (running the registrations above); the module
 // itself is empty. The JIT build loads the same sources with torch.ops.load_library instead.
 extern "C" PyObject* PyInit__C(void) {
@@ -254,3 +284,4 @@ extern "C" PyObject* PyInit__C(void) {
                                -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
+#endif

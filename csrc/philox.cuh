@@ -12,6 +12,10 @@
 
 #include <cstdint>
 
+#ifdef LIGHTNING_PEFT_EMULATE
+#include "emulation/cuda_emulation.h"  // __umulhi & co. on the CPU (tests only)
+#endif
+
 namespace lightning_peft_cuda {
 
 // Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC'11); the Random123 constants.

@@ -35,8 +35,8 @@ void launch_reduce_splits(ElementType out_type, const float* ws, int64_t splits,
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535);
   dispatch_element_type(out_type, [&](auto tag) {
     using raw_t = typename decltype(tag)::type;
-    reduce_splits_kernel<raw_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(ws, splits, split_stride, ld, rows, cols,
-                                                                                      scale, static_cast<raw_t*>(out));
+    LIGHTNING_PEFT_LAUNCH(reduce_splits_kernel<raw_t>, dim3(static_cast<unsigned>(blocks)), threads, 0, stream, ws, splits,
+                          split_stride, ld, rows, cols, scale, static_cast<raw_t*>(out));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -8,11 +8,16 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifdef LIGHTNING_PEFT_EMULATE
+#include "emulation/cuda_emulation.h"  // CPU emulation for tests (tests/test_cuda_emulation.py)
+#else
 #include <mma.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>
 
+#include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include "lora_kernels.h"
@@ -67,7 +72,7 @@ template <typename raw_t> __device__ __forceinline__ raw_t raw_zero() { return f
 // Tensor cores take fp16/bf16 operands with fp32 accumulation on sm_80+ (bf16 WMMA needs sm_80).
 // fp32 stays on FMAs: TF32 would lose the precision an fp32 user asked for. On the host pass and
 // on older targets the FMA path is compiled, so every TORCH_CUDA_ARCH_LIST builds.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(LIGHTNING_PEFT_EMULATE)
 #define LIGHTNING_PEFT_HAS_MMA 1
 #else
 #define LIGHTNING_PEFT_HAS_MMA 0
@@ -136,6 +141,38 @@ __device__ __forceinline__ void vec_coords(int tid, int i, int& row, int& col8) 
   row = id / kVecsPerRow;
   col8 = id % kVecsPerRow;
 }
+
+#ifndef LIGHTNING_PEFT_EMULATE
+// The kernel's dynamic shared memory, and a launch on a stream.
+#define LIGHTNING_PEFT_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#define LIGHTNING_PEFT_LAUNCH(kernel, grid, threads, smem, stream, ...) kernel<<<grid, threads, smem, stream>>>(__VA_ARGS__)
+
+/// Let `kernel` use `bytes` of dynamic shared memory (above 48 KB this needs an opt-in, which is
+/// per device, so it is repeated before every launch: a cheap attribute write).
+template <typename Kernel> void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+/// How many blocks of `kernel` (kThreads threads, `bytes` of dynamic shared memory) fit on one SM.
+template <typename Kernel> int resident_blocks_per_sm(Kernel kernel, size_t bytes) {
+  allow_dynamic_smem(kernel, bytes);
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, bytes));
+  return blocks > 0 ? blocks : 1;
+}
+#else
+#define LIGHTNING_PEFT_DYNAMIC_SMEM(name) unsigned char* name = ::lightning_peft_cuda::emu::block_smem()
+#define LIGHTNING_PEFT_LAUNCH(kernel, grid, threads, smem, stream, ...) \
+  ::lightning_peft_cuda::emu::launch(grid, threads, smem, [&] { kernel(__VA_ARGS__); })
+#undef C10_CUDA_KERNEL_LAUNCH_CHECK
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() \
+  do {                                 \
+  } while (0)
+template <typename Kernel> void allow_dynamic_smem(Kernel, size_t) {}
+template <typename Kernel> int resident_blocks_per_sm(Kernel, size_t) { return 2; }  // small waves: many splits
+#endif
 
 /// Byte offset of a shared-memory section, rounded up to 128 B.
 __host__ __device__ constexpr size_t smem_align(size_t bytes) { return (bytes + 127) / 128 * 128; }
