@@ -13,7 +13,7 @@ from lightning_fixtures import LlamaModule, LossRecorder, TokensData, load_ckpt,
 from test_bitfit import biased_llama
 from test_methods import CONFIGS
 
-from lightning_peft import PEFTCallback, adapter_state_dict
+from lightning_peft import PEFTCallback, adapter_state_dict, load_peft_checkpoint
 
 # ---- the Lightning callback: adapter-only checkpoints, exact resume ------------------------------
 
@@ -49,6 +49,12 @@ def test_lightning_callback_adapter_only_checkpoint_and_exact_resume(tmp_path, n
     assert set(ckpt["state_dict"]) == {prefix + k for k in adapter_state_dict(target)}
     assert ckpt["lightning_peft"]["peft_config"]["peft_type"] == config().peft_type
     assert all(re.search(r"prompt_encoder|adapter_|\.bias$", k) for k in ckpt["state_dict"])
+
+    # the checkpoint alone puts the trained adapter onto a freshly built base model
+    fresh = load_peft_checkpoint(LlamaModule(model=biased_llama()), tmp_path / "ref" / "epoch=1.ckpt")
+    tokens = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(tokens), trained.eval()(tokens), rtol=0, atol=0)
 
     _fit(tmp_path / "a", config, model_attr, epochs=1)
     resumed, _ = _fit(tmp_path / "b", config, model_attr, epochs=2, ckpt_path=tmp_path / "a" / "epoch=0.ckpt", seed=123)

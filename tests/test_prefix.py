@@ -129,6 +129,28 @@ def test_a_legacy_tuple_cache_is_refused_clearly():
     assert cache.get_seq_length() == P + 6
 
 
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_gradient_checkpointing_is_refused_clearly_and_prompt_tuning_supports_it(factory):
+    """transformers drops the KV cache inside checkpointed layers, so the prefixes would silently vanish."""
+    model = get_peft_model(factory(), PrefixTuningConfig(num_virtual_tokens=P)).train()
+    model.base_model.gradient_checkpointing_enable()
+    with pytest.raises(RuntimeError, match=r"through the KV cache, which transformers drops .*gradient_checkpointing_disable"):
+        model(input_ids=ids(), labels=ids())
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids())  # evaluation: no replay, the cache is kept
+    base = factory()
+    plain = get_peft_model(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=P)).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.base_model.gradient_checkpointing_enable()
+    losses = [m(input_ids=ids(), labels=ids()).loss for m in (plain, checkpointed)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    grads = [prompt.grad for m in (plain, checkpointed) for n, prompt in m.named_parameters() if "prompt_encoder" in n]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+
+
 class NoCacheLM(nn.Module):
     """Looks like a transformers model (config, input embeddings) but takes no KV cache."""
 

@@ -145,6 +145,15 @@ class PrefixEncoder(VirtualTokens):
             )
         return "embedding.weight"
 
+    def to_plain_table(self) -> None:
+        """Drop the MLP for a frozen ``[P, num_layers * 2 * kv_dim]`` table (to run a peft file of a projected prefix)."""
+        g = self.geometry
+        weight = self.embedding.weight
+        self.embedding = nn.Embedding(self.num_virtual_tokens, g.num_layers * 2 * g.kv_dim, device=weight.device, dtype=weight.dtype)
+        self.embedding.weight.requires_grad_(False)
+        del self.transform
+        self.prefix_projection = False
+
     def extra_repr(self) -> str:
         g = self.geometry
         return (f"num_virtual_tokens={self.num_virtual_tokens}, layers={g.num_layers}, kv_heads={g.kv_heads}, "
@@ -188,8 +197,9 @@ class PrefixTuner(PromptLearningTuner):
         return PrefixEncoder(
             cfg.num_virtual_tokens,  # type: ignore[arg-type]
             geometry,
-            # peft builds the plain table in inference mode: the saved file holds the projected prefixes
-            projection=cfg.prefix_projection and not cfg.inference_mode,
+            # the MLP also in inference mode (peft drops it there), so this library's checkpoints load for
+            # inference too; a peft file of a projected prefix switches to a plain table when loaded
+            projection=cfg.prefix_projection,
             encoder_hidden_size=hidden,
             zero_init=cfg.init_weights == "zero",
             cache_kwarg=cache_kwarg_name(target),  # type: ignore[arg-type]
@@ -197,6 +207,18 @@ class PrefixTuner(PromptLearningTuner):
             # float32 table even under a half-precision model, like peft; cast at use
             dtype=torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype,
         )
+
+    def from_peft_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft's keys -> ours. A peft file of a projected prefix holds only the projected table: loaded for
+        inference, the encoder becomes that plain (frozen) table; loaded to train, it is refused (see
+        :meth:`PrefixEncoder.load_peft_embeddings_key`)."""
+        encoder = self.encoder(model)
+        if "prompt_embeddings" in state and encoder.prefix_projection and self.config.inference_mode:
+            old = set(self.adapter_parameter_names(model))
+            encoder.to_plain_table()
+            # what load_adapter_state_dict expects: the new table instead of the MLP
+            self.saved_parameter_names = sorted((set(self.saved_parameter_names) - old) | set(self.adapter_parameter_names(model)))
+        return super().from_peft_state_dict(model, state)
 
     @staticmethod
     def rewrite(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -206,6 +228,14 @@ class PrefixTuner(PromptLearningTuner):
             return kwargs
         name = type(module).__name__
         p = encoder.num_virtual_tokens
+        if module.training and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules()):
+            # transformers' checkpointed layers drop the cache (a replay would write it twice), and with it the
+            # prefixes; some models (GPT-2) drop it in training mode even without gradients
+            raise RuntimeError(
+                f"prefix tuning reaches the attention of {name} through the KV cache, which transformers drops in layers "
+                "that use gradient checkpointing. Call model.gradient_checkpointing_disable(), or use prompt tuning, "
+                "LoRA or bottleneck adapters with gradient checkpointing"
+            )
         cache = pop_cache(kwargs)
         if cache_length(cache) == 0:  # no cache, or generate()'s fresh one: start it with the prefixes
             if cache is None:
