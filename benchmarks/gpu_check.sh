@@ -10,8 +10,9 @@
 #   build      pip install --no-deps --no-build-isolation --no-index -e .  (builds lightning_peft._C,
 #              MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0); dry run: .ci/compile_cuda.sh in a temp dir
 #   load       the kernels import and register (a JIT build happens here if the prebuilt one fails)
-#   tests      pytest tests/test_cuda_*.py -> tests.xml
+#   tests      pytest tests/test_cuda_*.py (not the CPU emulation: the real kernels are here) -> tests.xml
 #   bench      pytest benchmarks/bench_kernels.py (LP_BENCH_GRID=gpu; cpu on a dry run) -> kernels.md/json
+#   profile    per-kernel device time of floor / eager / ours at the target config -> profile.json
 #   e2e_peft, e2e_ours   benchmarks/e2e_gpu.py, one process each (own peak memory) -> e2e_*.json
 #   memcheck   compute-sanitizer memcheck over benchmarks/gpu_sanitize.py
 #   racecheck  compute-sanitizer racecheck --quick, only when time is left
@@ -19,7 +20,7 @@
 # Results go to benchmarks/results/gpu_check/ (a temp dir on a dry run) and, when $OUT is set,
 # the main files are copied there too.
 # Env: PYTHON (default .venv/bin/python if present, else python3), LP_GPU_CHECK_BUDGET_S (default
-# 450: the deadline for everything), LP_GPU_CHECK_RESULTS (results dir), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
+# 420: the deadline for everything), LP_GPU_CHECK_RESULTS (results dir), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -52,7 +53,7 @@ rm -f "$RES"/*.tsv "$RES"/*.json "$RES"/*.xml "$RES"/*.md "$RES"/*.log "$RES"/*.
 exec > >(tee "$RES/gpu_check.log") 2>&1
 
 START=$(date +%s)
-BUDGET=${LP_GPU_CHECK_BUDGET_S:-450}
+BUDGET=${LP_GPU_CHECK_BUDGET_S:-420}
 DEADLINE=$((START + BUDGET))
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PY RES GRID ROOT
 echo "gpu_check: $(date -u +%FT%TZ) dry_run=$DRY grid=$GRID python=$PY results=$RES budget=${BUDGET}s"
@@ -127,7 +128,7 @@ fi
 XDIST=""
 if [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n 4"; fi
 export XDIST
-stage tests 200 30 '"$PY" -m pytest tests/test_cuda_*.py -q -rfEs $XDIST --junitxml="$RES/tests.xml" 2>&1 | tail -60; exit ${PIPESTATUS[0]}'
+stage tests 200 30 '"$PY" -m pytest tests/test_cuda_*.py --ignore=tests/test_cuda_emulation.py -q -rfEs $XDIST --junitxml="$RES/tests.xml" 2>&1 | tail -60; exit ${PIPESTATUS[0]}'
 
 stage bench 240 30 '
   LP_BENCH_GRID=$GRID "$PY" -m pytest benchmarks/bench_kernels.py -q --benchmark-json="$RES/bench.json" \
@@ -136,6 +137,10 @@ stage bench 240 30 '
   tail -5 "$RES/bench.log"
   "$PY" benchmarks/bench_kernels_report.py "$RES/bench.json" --out-dir "$RES" >/dev/null || rc=1
   exit $rc'
+
+if [ $DRY = 0 ]; then
+  stage profile 90 20 '"$PY" benchmarks/gpu_profile.py --json "$RES/profile.json"'
+fi
 
 if [ $DRY = 1 ]; then E2E_ARGS="--tiny --cpu"; else E2E_ARGS=""; fi
 export E2E_ARGS
@@ -169,7 +174,7 @@ echo "== [report]"
 "$PY" benchmarks/gpu_report.py "$RES" >"$RES/summary.txt" 2>&1 || cat "$RES/summary.txt"
 "$PY" benchmarks/plot_results.py "$RES/summary.json" "$RES/results.png" || echo "plot failed"
 if [ -n "${OUT:-}" ]; then
-  for f in gpu_check.log summary.md summary.json bench.json tests.xml results.png kernels.md sanitizer.log; do
+  for f in gpu_check.log summary.md summary.json bench.json tests.xml results.png profile.json sanitizer.log; do
     [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"
   done
   echo "copied results to \$OUT"

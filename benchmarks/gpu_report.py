@@ -93,6 +93,7 @@ def build_summary(results_dir: str) -> dict:
         "kernels": kernels.get("rows", []),
         "kernel_targets": kernels.get("targets", []),
         "e2e": e2e_summary(results_dir),
+        "profile": read_json(os.path.join(results_dir, "profile.json")),
     }
 
 
@@ -115,6 +116,15 @@ def markdown(summary: dict) -> str:
         from bench_kernels_report import markdown as kernels_markdown
 
         lines += ["", "## Microbenchmarks (one LoRA linear)", "", kernels_markdown(summary["kernels"], summary["kernel_targets"])]
+    profile = summary.get("profile")
+    if profile:
+        lines += ["## Kernels per fwd+bwd step at the target config (torch.profiler)", ""]
+        for res in profile["results"]:
+            lines.append(f"- **{res['impl']}**: {res['total_us_per_step']:.1f} us")
+            for row in res["kernels"][:12]:
+                bw = f" ({row['achieved_GBps']:.0f} GB/s)" if "achieved_GBps" in row else ""
+                lines.append(f"    - {row['us_per_step']:.1f} us x{row['calls_per_step']} `{row['kernel'][:80]}`{bw}")
+        lines.append("")
     e2e = summary["e2e"]
     if e2e.get("ours") or e2e.get("peft"):
         lines += ["## End to end (Lightning Trainer, bf16-mixed)", "", "| impl | tokens/s | step ms | peak GiB |", "|---|---:|---:|---:|"]
@@ -143,6 +153,9 @@ def compact(summary: dict) -> str:
         from bench_kernels_report import compact as kernels_compact
 
         out.append(kernels_compact(summary["kernels"]))
+    if summary.get("profile"):
+        out.append("profile (us of kernels per fwd+bwd step): " + ", ".join(
+            f"{r['impl']}={r['total_us_per_step']:.0f}" for r in summary["profile"]["results"]))
     for t in summary["kernel_targets"] + summary["e2e"].get("targets", []):
         out.append(f"{'PASS' if t['pass'] else 'FAIL'}: {t['check']} = {t['value']:.3f} (target {t['target']})")
     if summary["e2e"].get("note"):
