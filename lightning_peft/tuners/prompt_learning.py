@@ -149,6 +149,7 @@ def extend_attention_mask(mask: Optional[torch.Tensor], num_virtual: int, model_
 
 
 def batch_size_of(kwargs: dict[str, Any], model_name: str) -> int:
+    """The batch size of a call, from ``input_ids [B, T]`` or ``inputs_embeds [B, T, D]``."""
     for key in ("input_ids", "inputs_embeds"):
         value = kwargs.get(key)
         if isinstance(value, torch.Tensor):
@@ -199,8 +200,8 @@ class PromptLearningTuner(Tuner):
     def build_encoder(self, hf_model: nn.Module, target: nn.Module) -> VirtualTokens:
         """Validate against the model and build the table, without touching the model."""
 
-    def _locate(self, model: nn.Module) -> tuple[str, nn.Module]:
-        """``(name relative to the root, module)`` of the hooked module."""
+    def _locate(self, model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
+        """``(transformers model, hooked module, hooked module's name relative to the root)``."""
         hf_name, hf_model = find_transformers_model(model, self.method_name)
         if getattr(hf_model.config, "is_encoder_decoder", False):
             raise TypeError(
@@ -209,12 +210,10 @@ class PromptLearningTuner(Tuner):
             )
         target = self.hook_target(hf_model)
         target_name = next(n for n, m in hf_model.named_modules() if m is target)
-        full = ".".join(p for p in (hf_name, target_name) if p)
-        return full, target
+        return hf_model, target, ".".join(p for p in (hf_name, target_name) if p)
 
     def inject(self, model: nn.Module) -> None:
-        name, target = self._locate(model)  # may raise: nothing changed yet
-        hf_model = find_transformers_model(model, self.method_name)[1]
+        hf_model, target, name = self._locate(model)  # may raise: nothing changed yet
         if ENCODER_ATTR in target._modules or hasattr(target, ENCODER_ATTR):
             raise ValueError(f"{type(target).__name__} already has an attribute {ENCODER_ATTR!r}; cannot attach {self.method_name}")
         encoder = self.build_encoder(hf_model, target)  # may raise: nothing changed yet
