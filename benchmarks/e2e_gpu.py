@@ -66,7 +66,10 @@ def build_model(args, device: torch.device):
                              num_key_value_heads=32, vocab_size=32000, max_position_embeddings=max(4096, args.seq))
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
+        try:
+            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        except TypeError:  # transformers < 4.56 calls it torch_dtype
+            model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
     model.config.use_cache = False
     if args.impl == "peft":
         import peft
