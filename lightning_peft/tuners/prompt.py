@@ -104,6 +104,7 @@ class PromptEmbedding(VirtualTokens):
 
     def __init__(self, num_virtual_tokens: int, token_dim: int, *, cache_kwarg: Optional[str], device: torch.device) -> None:
         super().__init__(num_virtual_tokens, cache_kwarg)
+        self.token_labels = True  # labels [B, T] are per token: pad them with -100 for the virtual tokens
         # float32 like peft (also under a half-precision model); cast to the input dtype at use
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim, device=device)
 
@@ -166,6 +167,8 @@ class PromptTuner(PromptLearningTuner):
         token_dim = cfg.resolve("token_dim", embeddings.embedding_dim, "input embedding width")
         table = PromptEmbedding(cfg.num_virtual_tokens, token_dim, cache_kwarg=cache_kwarg_name(target),  # type: ignore[arg-type]
                                 device=embeddings.weight.device)
+        # sequence-classification labels ([B] or [B, num_labels]) never line up with the tokens
+        table.token_labels = cfg.task_type not in ("SEQ_CLS", "FEATURE_EXTRACTION")
         ids = None if cfg.inference_mode else _init_token_ids(cfg, embeddings.num_embeddings)
         if ids is not None:
             with torch.no_grad():
@@ -198,7 +201,7 @@ class PromptTuner(PromptLearningTuner):
         kwargs["input_ids"] = None
         kwargs["inputs_embeds"] = torch.cat((table.prompts(batch, embeds.dtype), embeds), dim=1)
         labels = kwargs.get("labels")
-        if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == seq:  # token-level labels
+        if table.token_labels and isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == seq:
             pad = torch.full((labels.shape[0], p, *labels.shape[2:]), -100, dtype=labels.dtype, device=labels.device)
             kwargs["labels"] = torch.cat((pad, labels), dim=1)
         token_types = kwargs.get("token_type_ids")
