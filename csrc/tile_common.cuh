@@ -15,7 +15,11 @@
 #endif
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <set>
 #include <type_traits>
+#include <utility>
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
@@ -147,20 +151,38 @@ __device__ __forceinline__ void vec_coords(int tid, int i, int& row, int& col8) 
 #define LIGHTNING_PEFT_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #define LIGHTNING_PEFT_LAUNCH(kernel, grid, threads, smem, stream, ...) kernel<<<grid, threads, smem, stream>>>(__VA_ARGS__)
 
-/// Let `kernel` use `bytes` of dynamic shared memory (above 48 KB this needs an opt-in, which is
-/// per device, so it is repeated before every launch: a cheap attribute write).
+/// Let `kernel` use `bytes` of dynamic shared memory. Above 48 KB this needs an opt-in per device;
+/// it is done once per (kernel, device) and remembered, so that launches inside CUDA graph capture
+/// (after a warm-up call) make no CUDA API calls besides the launch itself.
 template <typename Kernel> void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
+  if (bytes <= 48 * 1024) return;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex lock;
+  static std::set<std::pair<const void*, int>> done;
+  const std::lock_guard<std::mutex> guard(lock);
+  if (done.insert({reinterpret_cast<const void*>(kernel), device}).second) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
 }
 
-/// How many blocks of `kernel` (kThreads threads, `bytes` of dynamic shared memory) fit on one SM.
+/// How many blocks of `kernel` (kThreads threads, `bytes` of dynamic shared memory) fit on one SM;
+/// computed once per (kernel, device).
 template <typename Kernel> int resident_blocks_per_sm(Kernel kernel, size_t bytes) {
   allow_dynamic_smem(kernel, bytes);
-  int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, bytes));
-  return blocks > 0 ? blocks : 1;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex lock;
+  static std::map<std::pair<const void*, int>, int> known;
+  const std::lock_guard<std::mutex> guard(lock);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  auto it = known.find(key);
+  if (it == known.end()) {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, bytes));
+    it = known.emplace(key, blocks > 0 ? blocks : 1).first;
+  }
+  return it->second;
 }
 #else
 #define LIGHTNING_PEFT_DYNAMIC_SMEM(name) unsigned char* name = ::lightning_peft_cuda::emu::block_smem()
