@@ -20,7 +20,8 @@
 # Results go to benchmarks/results/gpu_check/ (a temp dir on a dry run) and, when $OUT is set,
 # the main files are copied there too.
 # Env: PYTHON (default .venv/bin/python if present, else python3), LP_GPU_CHECK_BUDGET_S (default
-# 420: the deadline for everything), LP_GPU_CHECK_RESULTS (results dir), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
+# 420: the deadline for everything), LP_GPU_CHECK_RESULTS (results dir), LP_E2E_LAYERS (default 2:
+# more layers shrink the share of the fixed embedding / lm_head / loss cost), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -142,7 +143,7 @@ if [ $DRY = 0 ]; then
   stage profile 90 20 '"$PY" benchmarks/gpu_profile.py --json "$RES/profile.json"'
 fi
 
-if [ $DRY = 1 ]; then E2E_ARGS="--tiny --cpu"; else E2E_ARGS=""; fi
+if [ $DRY = 1 ]; then E2E_ARGS="--tiny --cpu"; else E2E_ARGS="--layers ${LP_E2E_LAYERS:-2}"; fi
 export E2E_ARGS
 stage e2e_peft 150 40 '"$PY" benchmarks/e2e_gpu.py --impl peft $E2E_ARGS --json "$RES/e2e_peft.json" 2>&1 | grep -v -i "tip\|litlogger\|deprecated" | tail -8; exit ${PIPESTATUS[0]}'
 stage e2e_ours 150 40 '"$PY" benchmarks/e2e_gpu.py --impl ours $E2E_ARGS --json "$RES/e2e_ours.json" 2>&1 | grep -v -i "tip\|litlogger\|deprecated" | tail -8; exit ${PIPESTATUS[0]}'
