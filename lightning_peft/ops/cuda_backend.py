@@ -210,9 +210,10 @@ def load(verbose: bool = False) -> bool:
             _state.available, _state.source, _state.reason = False, None, f"{type(exc).__name__}: {exc}"
         _state.attempted = True
         if not _state.available:
+            first_line = (_state.reason.strip().splitlines() or ["unknown"])[0][:300]
             warnings.warn(
-                f"lightning_peft: CUDA kernels unavailable ({_state.reason.strip().splitlines()[-1] if _state.reason.strip() else 'unknown'}); "
-                "using the PyTorch implementation of the LoRA op on CUDA",
+                f"lightning_peft: CUDA kernels unavailable ({first_line}); using the PyTorch implementation of the "
+                "LoRA op on CUDA. Full reason: lightning_peft.ops.cuda_backend.status()['reason']",
                 RuntimeWarning,
                 stacklevel=3,
             )
