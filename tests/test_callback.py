@@ -30,7 +30,8 @@ class LazyOptimizerWatch(LazyLlamaModule, OptimizerWatch):
 
 def _fit(tmp_path, module, callback, **kwargs):
     seed_everything(0)
-    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[callback], **kwargs))
+    callbacks = callback if isinstance(callback, list) else [callback]
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=callbacks, **kwargs))
     trainer.fit(module, datamodule=TokensData())
     return trainer
 
@@ -145,6 +146,8 @@ def test_bad_configuration_fails_with_one_clear_error(tmp_path):
         PEFTCallback(LoraConfig(r=0, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"found no model at LlamaModule.backbone.*submodules: model"):
         _fit(tmp_path, LlamaModule(), PEFTCallback(CFG, model_attr="backbone"))
+    with pytest.raises(ValueError, match="more than one PEFTCallback"):
+        _fit(tmp_path, LlamaModule(), [PEFTCallback(CFG, model_attr="model"), PEFTCallback(CFG)])
     module = LlamaModule()
     with pytest.raises(ValueError, match="matched no module"):
         _fit(tmp_path, module, PEFTCallback(LoraConfig(target_modules=["nope"]), model_attr="model"))

@@ -72,18 +72,24 @@ SCRIPT = textwrap.dedent(
 ).format(code=CRASH_EXIT_CODE)
 
 
-def _crash_mid_write(tmp_path, mode):
-    script = tmp_path / "crash.py"
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory):
+    """Both crash runs (atomic, naive control), in parallel child processes: mode -> the checkpoint path."""
+    root = tmp_path_factory.mktemp("crash")
+    script = root / "crash.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.getcwd()]))
-    out = tmp_path / "ckpt"
-    proc = subprocess.run([sys.executable, str(script), mode, str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == CRASH_EXIT_CODE, proc.stderr[-3000:]
-    return out / "last.ckpt"
+    procs = {mode: subprocess.Popen([sys.executable, str(script), mode, str(root / mode)], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for mode in ("atomic", "naive")}
+    for proc in procs.values():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == CRASH_EXIT_CODE, err[-3000:]
+    return {mode: root / mode / "last.ckpt" for mode in procs}
 
 
-def test_crash_mid_write_keeps_the_previous_checkpoint_and_it_resumes(tmp_path):
-    path = _crash_mid_write(tmp_path, "atomic")
+def test_crash_mid_write_keeps_the_previous_checkpoint_and_it_resumes(tmp_path, crashed):
+    path = crashed["atomic"]
     ckpt = load_ckpt(path)  # the epoch-0 checkpoint, whole
     assert ckpt["global_step"] == 4 and ckpt["epoch"] == 0
     assert ckpt["lightning_peft"]["model_attr"] == "model"
@@ -97,8 +103,8 @@ def test_crash_mid_write_keeps_the_previous_checkpoint_and_it_resumes(tmp_path):
     assert trainer.global_step == 8
 
 
-def test_control_the_same_crash_corrupts_a_non_atomic_write(tmp_path):
-    path = _crash_mid_write(tmp_path, "naive")
+def test_control_the_same_crash_corrupts_a_non_atomic_write(crashed):
+    path = crashed["naive"]
     with pytest.raises((RuntimeError, OSError)):
         load_ckpt(path)  # truncated: torch.load cannot read it (which error depends on where the cut falls)
 

@@ -128,6 +128,11 @@ class PEFTCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = stage
+        if sum(isinstance(cb, PEFTCallback) for cb in trainer.callbacks) > 1:
+            raise ValueError(
+                "the Trainer has more than one PEFTCallback (e.g. one in the CLI's `peft:` section and one in "
+                "trainer.callbacks); one model takes one adapter: keep one of them"
+            )
         self._configure_checkpointing(trainer, pl_module)
         target = resolve_model_attr(pl_module, self.model_attr)
         if target is not None:
