@@ -27,7 +27,9 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    hparams = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    max_length = checkpoint.get("datamodule_hyper_parameters", {}).get("max_length", 128)  # as in training
     module = TextClassifier(hparams["model_name_or_path"], num_labels=hparams["num_labels"])
     load_peft_checkpoint(module, args.checkpoint)  # builds the base model (configure_model), adds the adapter
     tokenizer = load_tokenizer(hparams["model_name_or_path"])
@@ -36,7 +38,7 @@ def main() -> None:
     correct = 0
     with torch.inference_mode():
         for i in range(0, len(texts), args.batch_size):
-            batch = tokenizer(texts[i:i + args.batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            batch = tokenizer(texts[i:i + args.batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             predicted = module(**batch).logits.argmax(-1)
             correct += int((predicted == torch.tensor(labels[i:i + args.batch_size])).sum())
 

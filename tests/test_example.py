@@ -53,11 +53,16 @@ def test_sst2_config_runs_on_a_tiny_causal_lm_classifier_path(tmp_path, monkeypa
 
     # inference without a Trainer: a fresh TextClassifier on the same path + the adapter checkpoint
     restored = load_peft_checkpoint(TextClassifier(model_dir), last)
-    batch = next(iter(cli.datamodule.val_dataloader()))
-    batch = {k: v for k, v in batch.items() if k != "labels"}
     trained.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(restored(**batch).logits, trained(**batch).logits, rtol=0, atol=0)
+    correct = total = 0
+    for batch, _ in zip(cli.datamodule.val_dataloader(), range(2)):  # the 2 batches validation used
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            logits = restored(**inputs).logits
+            torch.testing.assert_close(logits, trained(**inputs).logits, rtol=0, atol=0)
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        total += len(batch["labels"])
+    assert summary["val_acc"] == pytest.approx(correct / total, abs=1e-6)  # the logged metric is plain accuracy
 
 
 @pytest.mark.slow

@@ -274,8 +274,9 @@ class TextClassifier(LightningModule):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.save_hyperparameters()
         self.model: Optional[torch.nn.Module] = None
-        self.train_acc = MulticlassAccuracy(num_classes=num_labels)
-        self.val_acc = MulticlassAccuracy(num_classes=num_labels)
+        # average="micro": plain accuracy (torchmetrics' default "macro" would average per-class recalls)
+        self.train_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
 
     @override
     def configure_model(self) -> None:
