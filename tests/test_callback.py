@@ -56,8 +56,9 @@ def test_injects_and_freezes_before_the_optimizer_exists(tmp_path, module_cls):
     assert all(layer.lora_B.weight.abs().sum() > 0 for layer in module.model.modules() if isinstance(layer, LoraLinear))
 
 
-def test_adapts_the_whole_lightning_module_when_no_attribute_is_named(tmp_path):
-    module = LlamaModule()
+@pytest.mark.parametrize("module_cls", [LlamaModule, LazyLlamaModule], ids=["built_in_init", "built_in_configure_model"])
+def test_adapts_the_whole_lightning_module_when_no_attribute_is_named(tmp_path, module_cls):
+    module = module_cls()
     _fit(tmp_path, module, PEFTCallback(CFG))
     tuner = get_tuner(module)
     assert tuner is not None and get_tuner(module.model) is None

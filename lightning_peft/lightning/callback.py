@@ -4,8 +4,8 @@ Where each job happens, and why there (Lightning 2.6 order in ``fit``: ``Callbac
 ``LightningModule.setup`` → ``configure_model`` → checkpoint restore of the module → ``strategy.setup``
 (DDP/FSDP wrap, *then* optimizers) → ``on_fit_start``):
 
-* injection + freezing: in ``setup`` when the model already exists (built in ``__init__``), else
-  right after the module's own ``configure_model`` (the callback wraps it for that one call).
+* injection + freezing: right after the module's own ``configure_model`` when it has one (the
+  callback wraps it for that one call; the model may be built there), else in ``setup``.
   Either way before any wrapper or optimizer sees the parameters, and only once: a model that
   already carries this adapter (validate/test/predict after fit, a second ``fit``) is left alone.
 * optimizer check: ``on_fit_start``, the first hook after optimizers exist.
@@ -134,13 +134,15 @@ class PEFTCallback(Callback):
                 "trainer.callbacks); one model takes one adapter: keep one of them"
             )
         self._configure_checkpointing(trainer, pl_module)
-        target = resolve_model_attr(pl_module, self.model_attr)
-        if target is not None:
-            self._adapt(pl_module, target, stage)
-        elif is_overridden("configure_model", pl_module):
+        if is_overridden("configure_model", pl_module):
+            # Lightning calls it right after the setup hooks in every stage; the model (or, with
+            # model_attr=None, part of the module) may only exist once it ran
             self._inject_after_configure_model(pl_module, stage)
-        else:
+            return
+        target = resolve_model_attr(pl_module, self.model_attr)
+        if target is None:
             raise ValueError(self._missing_model_message(pl_module))
+        self._adapt(pl_module, target, stage)
 
     def _inject_after_configure_model(self, pl_module: pl.LightningModule, stage: str) -> None:
         """Wrap the instance's ``configure_model`` once: run it, then adapt what it built."""
