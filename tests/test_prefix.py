@@ -201,3 +201,22 @@ def test_a_model_whose_attention_cannot_be_hooked_is_named():
     with pytest.raises(TypeError, match=r"NoCacheLM does not take inputs_embeds.*cannot be hooked"):
         get_peft_model(model, PromptTuningConfig(num_virtual_tokens=P))
     assert not hasattr(model, "prompt_encoder") and not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningConfig, PromptTuningConfig])
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_left_padded_batch_generation_equals_one_row_at_a_time(factory, config_cls):
+    """generate() positions come from the attention mask; the virtual tokens shift them, padding does not."""
+    model = get_peft_model(factory(), config_cls(num_virtual_tokens=P))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    short, long = ids(6, (1, 3)).clamp(min=1), ids(7, (1, 6)).clamp(min=1)
+    alone = [model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False, pad_token_id=0)[:, x.shape[1]:]
+             for x in (short, long)]
+    batch = torch.cat((torch.cat((torch.zeros(1, 3, dtype=torch.long), short), dim=1), long))
+    mask = (torch.arange(6) >= torch.tensor([[3], [0]])).long()  # the short row is left-padded
+    together = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)[:, 6:]
+    assert torch.equal(together[0], alone[0][0]) and torch.equal(together[1], alone[1][0])
