@@ -33,7 +33,6 @@ from functools import partial, update_wrapper
 from types import MethodType
 from typing import Any, Optional, Union
 
-from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, _global_add_class_path, instantiate_class
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -41,13 +40,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+# importing the callback also lets jsonargparse accept any PeftConfig subclass for `peft_config`
 from lightning_peft.lightning.callback import PEFTCallback
-from lightning_peft.tuners.config import PeftConfig
 
 __all__ = ["PEFTLightningCLI", "main"]
-
-set_parsing_settings(subclasses_enabled=[PeftConfig])  # `peft_config: {class_path: lightning_peft.LoraConfig, ...}`
-
 
 class PEFTLightningCLI(LightningCLI):
     """``LightningCLI`` whose config saving and automatic optimizers suit ``PEFTCallback``.
