@@ -30,10 +30,16 @@ SCRIPT = textwrap.dedent(
     """
     import sys
     from lightning.pytorch import Trainer, seed_everything
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from lightning_fixtures import LazyLlamaModule, TokensData
     from lightning_peft import LoraConfig, PEFTCallback
+
+    class AssertWrapped(Callback):
+        def on_train_start(self, trainer, pl_module):
+            assert isinstance(trainer.strategy.model, FullyShardedDataParallel), type(trainer.strategy.model)
+            self.checked = True
 
     def fit(out, devices, epochs, ckpt_path=None):
         seed_everything(0)  # before the model is built and injected: FSDP does not sync module states
@@ -42,7 +48,8 @@ SCRIPT = textwrap.dedent(
             accelerator="cuda", devices=devices, strategy=FSDPStrategy(state_dict_type="full"), max_epochs=epochs,
             default_root_dir=out, logger=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, limit_val_batches=0,
-            callbacks=[PEFTCallback(config, model_attr="model"), ModelCheckpoint(dirpath=out + "/ckpt", filename="{epoch}", save_top_k=-1)],
+            callbacks=[PEFTCallback(config, model_attr="model"), AssertWrapped(),
+                       ModelCheckpoint(dirpath=out + "/ckpt", filename="{epoch}", save_top_k=-1)],
         )
         trainer.fit(LazyLlamaModule(), datamodule=TokensData(), ckpt_path=ckpt_path)
         return trainer
@@ -91,9 +98,7 @@ def _load_script(tmp_path):
 def test_fsdp_single_gpu_adapter_only_checkpoints_and_resume(tmp_path):
     fsdp_fit = _load_script(tmp_path)
     trainer = fsdp_fit.fit(str(tmp_path / "straight"), 1, 2)
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    assert isinstance(trainer.strategy.model, FullyShardedDataParallel)
+    assert any(getattr(cb, "checked", False) for cb in trainer.callbacks)  # trained inside FullyShardedDataParallel
     fsdp_fit.fit(str(tmp_path / "resumed"), 1, 2, str(tmp_path / "straight" / "ckpt" / "epoch=0.ckpt"))
     _check(tmp_path / "straight" / "ckpt", tmp_path / "resumed" / "ckpt", steps_per_epoch=4)
 
