@@ -199,8 +199,8 @@ def child(name: str, steps: int, warmup: int) -> dict:
     }
 
 
-def profile(name: str, steps: int, warmup: int, rows: int) -> None:
-    import torch
+def profile(name: str, steps: int, warmup: int, rows: int, shapes: bool = False) -> None:
+    import torch  # noqa: F401
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     _, step, zero, info = build(name)
@@ -208,15 +208,25 @@ def profile(name: str, steps: int, warmup: int, rows: int) -> None:
         zero()
         step()
     zero()
-    t = time.perf_counter()
-    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+    busy0, own0, t = _system_busy_s(), time.process_time(), time.perf_counter()
+    with tprofile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
         for _ in range(steps):
             zero()
             step()
-    wall = (time.perf_counter() - t) / steps
+    elapsed = time.perf_counter() - t
+    other = max(0.0, (_system_busy_s() - busy0) - (time.process_time() - own0)) / elapsed
     print(f"=== profile: {name} ({describe(name)}), {steps} profiled steps after {warmup} warm-up, "
-          f"{wall:.3f} s/step under the profiler, trainable params {info['trainable_params']:,} ===")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+          f"{elapsed / steps:.3f} s/step under the profiler, other processes used {other:.2f} cores"
+          f"{' (CONTENDED: absolute times inflated)' if other > 0.15 else ''}, trainable params {info['trainable_params']:,} ===")
+    averages = prof.key_averages(group_by_input_shape=shapes)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60,
+                         max_shapes_column_width=70))
+    total_self = sum(e.self_cpu_time_total for e in averages) / 1e3 / steps
+    print(f"total self CPU: {total_self:.1f} ms/step (op time on the calling thread; intra-op worker threads are not counted separately)")
+    ours = [e for e in prof.key_averages() if "lightning_peft" in e.key]
+    for e in sorted(ours, key=lambda e: -e.cpu_time_total):
+        print(f"  {e.key[:70]:70s} {e.count // steps:4d} calls/step  total incl. children {e.cpu_time_total / 1e3 / steps:8.1f} ms/step "
+              f"({100 * e.cpu_time_total / 1e3 / steps / total_self:.1f}% of total self CPU)")
     sys.stdout.flush()
 
 
@@ -486,6 +496,7 @@ def main() -> None:
                     help="print torch.profiler top ops (self CPU time) for these configs, each in its own process")
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--profile-shapes", action="store_true", help="group profiler rows by input shape (LoRA-branch ops show r=8)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -494,7 +505,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args.child, args.steps, args.warmup)), flush=True)
         return
     if args.profile_child:
-        profile(args.profile_child, args.profile_steps, args.warmup, args.profile_rows)
+        profile(args.profile_child, args.profile_steps, args.warmup, args.profile_rows, args.profile_shapes)
         return
 
     if args.profile:
@@ -502,6 +513,7 @@ def main() -> None:
             parse_config(name)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--profile-child", name, "--warmup", str(args.warmup),
                    "--profile-steps", str(args.profile_steps), "--profile-rows", str(args.profile_rows)]
+            cmd += ["--profile-shapes"] if args.profile_shapes else []
             rc = subprocess.run(cmd, env=child_env(), cwd=str(REPO)).returncode
             if rc != 0:
                 print(f"profile of {name} failed with exit code {rc}", flush=True)
