@@ -155,7 +155,7 @@ def build(name: str):
     return model, step, zero, {"trainable_params": trainable, "emb_grad": emb_grad}
 
 
-def child(name: str, steps: int, warmup: int) -> dict:
+def child(name: str, steps: int, warmup: int, abort_above: float | None = None) -> dict:
     import torch
 
     t0 = time.perf_counter()
@@ -163,7 +163,7 @@ def child(name: str, steps: int, warmup: int) -> dict:
     model, step, zero, info = build(name)
     rss_built = _current_rss_mib()
     build_s = time.perf_counter() - t0
-    losses, times, cpu_times, own_cpu, other_cpu = [], [], [], [], []
+    losses, times, cpu_times, own_cpu, other_cpu, warm_other = [], [], [], [], [], []
     for i in range(warmup + steps):
         zero()
         busy0, own0, t = _system_busy_s(), time.process_time(), time.perf_counter()
@@ -175,6 +175,13 @@ def child(name: str, steps: int, warmup: int) -> dict:
             cpu_times.append(own)
             own_cpu.append(own / dt)
             other_cpu.append(max(0.0, busy - own) / dt)
+        else:
+            warm_other.append(max(0.0, busy - own) / dt)
+        # Give up early on a contended machine (the parent retries later): after the warm-up
+        # and again after 5 timed steps.
+        seen = warm_other if i == warmup - 1 else other_cpu if i == warmup + 4 else None
+        if abort_above is not None and seen and statistics.median(seen) > abort_above:
+            return {"config": name, "aborted": True, "other_cores": statistics.median(seen)}
     zero()
     return {
         "config": name,
@@ -257,8 +264,9 @@ def wait_for_quiet(max_wait_s: float, busy_cores: float = 0.15, window_s: float 
     return time.perf_counter() - t0
 
 
-def run_child(name: str, steps: int, warmup: int) -> dict:
+def run_child(name: str, steps: int, warmup: int, abort_above: float | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--steps", str(steps), "--warmup", str(warmup)]
+    cmd += ["--abort-above", str(abort_above)] if abort_above is not None else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=str(REPO))
     result_line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("RESULT ")), None)
     if proc.returncode != 0 or result_line is None:
@@ -498,11 +506,12 @@ def main() -> None:
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--profile-shapes", action="store_true", help="group profiler rows by input shape (LoRA-branch ops show r=8)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--abort-above", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.steps, args.warmup)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, args.steps, args.warmup, args.abort_above)), flush=True)
         return
     if args.profile_child:
         profile(args.profile_child, args.profile_steps, args.warmup, args.profile_rows, args.profile_shapes)
@@ -532,12 +541,15 @@ def main() -> None:
             attempts = []
             for attempt in range(1 + max(0, args.retries)):
                 wait_for_quiet(args.quiet_wait)
-                attempts.append(run_child(name, args.steps, args.warmup))
-                if "error" in attempts[-1] or attempts[-1]["other_cores"] <= args.max_other_cores or attempt == args.retries:
+                last = attempt == args.retries
+                attempts.append(run_child(name, args.steps, args.warmup, None if last else args.max_other_cores))
+                if "error" in attempts[-1] or last or (
+                        not attempts[-1].get("aborted") and attempts[-1]["other_cores"] <= args.max_other_cores):
                     break
                 print(f"[round {rnd}] {name:16s} other processes used {attempts[-1]['other_cores']:.2f} cores "
-                      f"(> {args.max_other_cores}): rerunning", flush=True)
-            ok = [a for a in attempts if "error" not in a]
+                      f"(> {args.max_other_cores}): {'stopped early, ' if attempts[-1].get('aborted') else ''}rerunning",
+                      flush=True)
+            ok = [a for a in attempts if "error" not in a and not a.get("aborted")]
             r = min(ok, key=lambda a: a["other_cores"]) if ok else attempts[-1]
             r["round"], r["attempts"] = rnd, len(attempts)
             runs[name].append(r)
