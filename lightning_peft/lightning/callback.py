@@ -16,6 +16,13 @@ Where each job happens, and why there (Lightning 2.6 order in ``fit``: ``Callbac
   ``Callback.on_save_checkpoint``); ``strict_loading = False`` on the module so Lightning accepts
   the partial state dict, with our own strict check of the adapter keys instead.
 
+Strategies: DDP / ``ddp_spawn`` (CPU or GPU) inject in every process before the DDP wrap and
+write checkpoints from rank zero. FSDP needs ``FSDPStrategy(state_dict_type="full")`` (the full
+state dict is gathered on rank zero, then filtered; sharded partial loads do not work) and a seed
+set before the model is built. DeepSpeed writes its own checkpoint directories without Lightning's
+CheckpointIO, so nothing here filters them: use ``DeepSpeedStrategy(exclude_frozen_parameters=True)``
+(untested); ``strict_loading = False`` still lets the partial module state load on resume.
+
 This module only uses the method-agnostic functions of :mod:`lightning_peft.tuners`
 (``inject_adapter``, ``get_tuner``, ``adapter_state_dict``, ``advance_dropout_rng``), so every PEFT
 method works through it.
