@@ -289,3 +289,10 @@ def test_torch_compile_fullgraph_matches_eager():
     for (n, p), (_, q) in zip(model.named_parameters(), eager_model.named_parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_injected_layers_follow_the_models_mode():
+    """Injecting into a model in eval mode must not switch LoRA dropout on."""
+    model = get_peft_model(tiny_llama().eval(), LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj"], init_lora_weights=False))
+    assert all(not layer.training for layer in lora_layers(model))
+    torch.testing.assert_close(model(ids()).logits, model(ids()).logits, rtol=0, atol=0)

@@ -153,6 +153,7 @@ class ModuleReplacementTuner(Tuner):
     def inject(self, model: nn.Module) -> None:
         replacements = self.build_replacements(model)  # may raise: nothing changed yet
         for name, layer in replacements.items():  # plain setattr swaps: these do not fail
+            layer.train(model.get_submodule(name).training)  # an eval-mode model stays dropout-free
             _set_submodule(model, name, layer)
         self.layer_names = sorted(replacements)
 
