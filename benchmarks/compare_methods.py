@@ -49,7 +49,7 @@ METHODS: dict[str, tuple[str, str, list[float]]] = {
     "full": ("full fine-tuning", "full", [5e-5, 1e-4, 2e-4]),
     "lora": ("LoRA (ours)", "ours", [5e-4, 1e-3, 3e-3, 1e-2]),
     "peft_lora": ("LoRA (peft)", "peft", [5e-4, 1e-3, 3e-3, 1e-2]),
-    "adapter": ("bottleneck adapters, Houlsby (ours)", "ours", [5e-4, 1e-3, 3e-3]),
+    "adapter": ("bottleneck adapters, Houlsby (ours)", "ours", [5e-4, 1e-3, 3e-3, 1e-2]),
     "prefix": ("prefix tuning (ours)", "ours", [3e-3, 1e-2, 3e-2]),
     "peft_prefix": ("prefix tuning (peft)", "peft", [3e-3, 1e-2, 3e-2]),
     "prompt": ("prompt tuning (ours)", "ours", [3e-3, 1e-2, 3e-2]),
