@@ -22,9 +22,14 @@ Every child process imports torch, transformers, peft *and* lightning_peft whate
 configuration, so the import footprint is identical and "RSS above floor" is training memory.
 Peak RSS is ``getrusage(RUSAGE_SELF).ru_maxrss`` of the child (whole-process high-water mark).
 
-The whole set is run ``--rounds`` times (default 2) in alternating order (forward, reversed,
-...) to even out drift; per configuration the reported step time is the median of the
-per-round medians and the reported RSS the median of the per-round peaks.
+Timing on a shared, drifting 2-core machine. Configurations are compared in *groups*: for each
+(targets, dropout) setting the floor, peft and ours processes are alive together and take turns
+step by step (lock-step, rotating order; only one computes at a time), so slow drift of the
+machine hits all three alike and every ratio is formed inside its group. Each step also records
+the cores *other* processes used meanwhile (/proc/stat); a step that saw more than
+``--max-other-cores`` is redone after waiting for a quiet moment (``--step-retries``). The whole
+set of groups runs ``--rounds`` times (default 2) in alternating order. Reported: per config the
+median of its per-run medians; per ratio the median over (group, round) of the in-group ratio.
 
 Usage::
 
@@ -38,7 +43,6 @@ A subset or overridden run writes no results file unless ``--out PREFIX`` is giv
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -46,6 +50,7 @@ import resource
 import shlex
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -155,55 +160,32 @@ def build(name: str):
     return model, step, zero, {"trainable_params": trainable, "emb_grad": emb_grad}
 
 
-def child(name: str, steps: int, warmup: int, abort_above: float | None = None) -> dict:
-    import torch
+def serve(name: str) -> None:
+    """Child process: build ``name``, then run one step per ``step`` line on stdin until ``done``.
 
+    Protocol on stdout (one JSON object per line): ``READY {...}``, ``STEP {...}`` per step,
+    ``DONE {...}`` with the peak RSS. Nothing else is printed to stdout.
+    """
     t0 = time.perf_counter()
     rss_start = _current_rss_mib()
-    model, step, zero, info = build(name)
-    rss_built = _current_rss_mib()
-    build_s = time.perf_counter() - t0
-    losses, times, cpu_times, own_cpu, other_cpu, warm_other = [], [], [], [], [], []
-    for i in range(warmup + steps):
-        zero()
-        busy0, own0, t = _system_busy_s(), time.process_time(), time.perf_counter()
-        loss = step()
-        dt, own, busy = time.perf_counter() - t, time.process_time() - own0, _system_busy_s() - busy0
-        losses.append(loss)
-        if i >= warmup:
-            times.append(dt)
-            cpu_times.append(own)
-            own_cpu.append(own / dt)
-            other_cpu.append(max(0.0, busy - own) / dt)
-        else:
-            warm_other.append(max(0.0, busy - own) / dt)
-        # Give up early on a contended machine (the parent retries later): after the warm-up
-        # and again after 5 timed steps.
-        seen = warm_other if i == warmup - 1 else other_cpu if i == warmup + 4 else None
-        if abort_above is not None and seen and statistics.median(seen) > abort_above:
-            return {"config": name, "aborted": True, "other_cores": statistics.median(seen)}
-    zero()
-    return {
-        "config": name,
-        "step_times_s": times,
-        "median_step_s": statistics.median(times),
-        "cpu_step_times_s": cpu_times,
-        "median_cpu_step_s": statistics.median(cpu_times),
-        "peak_rss_mib": _max_rss_mib(),
-        "rss_after_imports_mib": rss_start,
-        "rss_after_build_mib": rss_built,
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-        "trainable_params": info["trainable_params"],
-        "emb_output_requires_grad": info["emb_grad"]["requires_grad"],
-        "build_s": build_s,
-        # Contention check: cores this process kept busy during timed steps, and cores that
-        # *other* processes on the machine used meanwhile (medians over timed steps).
-        "own_cores": statistics.median(own_cpu),
-        "other_cores_per_step": other_cpu,
-        "other_cores": statistics.median(other_cpu),
-        "torch_threads": torch.get_num_threads(),
-    }
+    _, step, zero, info = build(name)
+    ready = {"config": name, "build_s": time.perf_counter() - t0, "rss_at_start_mib": rss_start,
+             "rss_after_build_mib": _current_rss_mib(), "trainable_params": info["trainable_params"]}
+    print("READY " + json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "step":
+            zero()
+            busy0, own0, t = _system_busy_s(), time.process_time(), time.perf_counter()
+            loss = step()
+            wall, own, busy = time.perf_counter() - t, time.process_time() - own0, _system_busy_s() - busy0
+            print("STEP " + json.dumps({"wall_s": wall, "cpu_s": own, "other_cores": max(0.0, busy - own) / wall,
+                                        "loss": loss}), flush=True)
+        elif cmd == "done":
+            zero()
+            print("DONE " + json.dumps({"peak_rss_mib": _max_rss_mib(), "rss_at_end_mib": _current_rss_mib(),
+                                        "emb_output_requires_grad": info["emb_grad"]["requires_grad"]}), flush=True)
+            return
 
 
 def profile(name: str, steps: int, warmup: int, rows: int, shapes: bool = False) -> None:
@@ -238,7 +220,7 @@ def profile(name: str, steps: int, warmup: int, rows: int, shapes: bool = False)
 
 
 # --------------------------------------------------------------------------------------------
-# parent side: run the children, aggregate, report
+# parent side: run the groups in lock-step, aggregate, report
 # --------------------------------------------------------------------------------------------
 
 def child_env() -> dict:
@@ -264,131 +246,235 @@ def wait_for_quiet(max_wait_s: float, busy_cores: float = 0.15, window_s: float 
     return time.perf_counter() - t0
 
 
-def run_child(name: str, steps: int, warmup: int, abort_above: float | None = None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--steps", str(steps), "--warmup", str(warmup)]
-    cmd += ["--abort-above", str(abort_above)] if abort_above is not None else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=str(REPO))
-    result_line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("RESULT ")), None)
-    if proc.returncode != 0 or result_line is None:
-        return {"config": name, "error": f"exit {proc.returncode}\n{proc.stderr[-6000:]}{proc.stdout[-2000:]}"}
-    return json.loads(result_line[len("RESULT "):])
+class Child:
+    """One configuration's process, driven step by step over its stdin/stdout."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", name]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, env=child_env(), cwd=str(REPO))
+
+    def _expect(self, tag: str) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                self.stderr.seek(0)
+                raise RuntimeError(f"{self.name}: process exited with code {self.proc.returncode}\n{self.stderr.read()[-6000:]}")
+            if line.startswith(tag + " "):
+                return json.loads(line[len(tag) + 1:])
+
+    def ready(self) -> dict:
+        return self._expect("READY")
+
+    def step(self) -> dict:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self._expect("STEP")
+
+    def done(self) -> dict:
+        self.proc.stdin.write("done\n")
+        self.proc.stdin.flush()
+        out = self._expect("DONE")
+        self.proc.wait()
+        return out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
-def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    agg = {}
-    for name, rs in runs.items():
-        ok = [r for r in rs if "error" not in r]
+def make_groups(configs: list[str]) -> list[list[str]]:
+    """One group per (targets, dropout) setting present: [floor?, peft?, ours?]; floor alone if nothing else."""
+    settings = []
+    for c in configs:
+        impl, target, p = parse_config(c)
+        if impl != "floor" and (target, p) not in settings:
+            settings.append((target, p))
+    floor = ["floor"] if "floor" in configs else []
+    groups = [floor + [c for c in configs if c != "floor" and parse_config(c)[1:] == s] for s in settings]
+    return groups or ([floor] if floor else [])
+
+
+def run_group(group: list[str], rnd: int, args, log) -> dict[str, dict]:
+    """Run ``group``'s processes in lock-step; returns per config its run record (or an error)."""
+    children = {name: Child(name) for name in group}
+    results: dict[str, dict] = {}
+    try:
+        info = {}
+        for name, ch in children.items():
+            try:
+                info[name] = ch.ready()
+            except RuntimeError as e:
+                results[name] = {"config": name, "round": rnd, "group": group, "error": str(e)}
+        alive = [n for n in group if n not in results]
+        steps: dict[str, list[dict]] = {n: [] for n in alive}
+        for i in range(args.warmup + args.steps):
+            order = alive[i % len(alive):] + alive[:i % len(alive)] if alive else []
+            for name in order:
+                if name in results:
+                    continue
+                tries = 0
+                try:
+                    while True:
+                        rec = children[name].step()
+                        tries += 1
+                        if (i < args.warmup or rec["other_cores"] <= args.max_other_cores or tries > args.step_retries
+                                or args.wait_budget_left <= 0):
+                            break
+                        args.wait_budget_left -= wait_for_quiet(min(args.quiet_wait, args.wait_budget_left), args.max_other_cores)
+                except RuntimeError as e:
+                    results[name] = {"config": name, "round": rnd, "group": group, "error": str(e)}
+                    continue
+                rec["tries"], rec["warmup"] = tries, i < args.warmup
+                steps[name].append(rec)
+        for name in alive:
+            if name in results:
+                continue
+            try:
+                fin = children[name].done()
+            except RuntimeError as e:
+                results[name] = {"config": name, "round": rnd, "group": group, "error": str(e)}
+                continue
+            timed = [s for s in steps[name] if not s["warmup"]]
+            results[name] = {
+                "config": name, "round": rnd, "group": group, **info[name], **fin,
+                "steps": steps[name],
+                "median_step_s": statistics.median(s["wall_s"] for s in timed),
+                "median_cpu_step_s": statistics.median(s["cpu_s"] for s in timed),
+                "other_cores": statistics.median(s["other_cores"] for s in timed),
+                "max_other_cores_step": max(s["other_cores"] for s in timed),
+                "redone_steps": sum(s["tries"] - 1 for s in timed),
+                "first_loss": steps[name][0]["loss"],
+            }
+    finally:
+        for ch in children.values():
+            ch.kill()
+    for name in group:
+        r = results[name]
+        if "error" in r:
+            log(f"[round {rnd}] {name:16s} ERROR\n{r['error']}")
+        else:
+            log(f"[round {rnd}] {name:16s} median {r['median_step_s']:.3f} s  cpu {r['median_cpu_step_s']:.3f} s  "
+                f"peak RSS {r['peak_rss_mib']:.0f} MiB  loss {r['first_loss']:.4f}  other cores {r['other_cores']:.2f} "
+                f"(max {r['max_other_cores_step']:.2f}, {r['redone_steps']} steps redone)")
+    return results
+
+
+def aggregate(runs: list[dict], configs: list[str]) -> dict[str, dict]:
+    """Per config: medians over its runs, and in-group ratios (to the floor, to peft) over (group, round)."""
+    by_key = {(r["round"], tuple(r["group"]), r["config"]): r for r in runs}
+    agg: dict[str, dict] = {}
+    for name in configs:
+        mine = [r for r in runs if r["config"] == name]
+        ok = [r for r in mine if "error" not in r]
         if not ok:
-            agg[name] = {"error": rs[-1]["error"]}
+            agg[name] = {"error": mine[-1]["error"] if mine else "not run"}
             continue
-        agg[name] = {
+        a = {
             "median_step_s": statistics.median(r["median_step_s"] for r in ok),
             "median_cpu_step_s": statistics.median(r["median_cpu_step_s"] for r in ok),
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in ok),
-            "round_medians_s": [r["median_step_s"] for r in ok],
-            "round_peak_rss_mib": [r["peak_rss_mib"] for r in ok],
+            "run_medians_s": [r["median_step_s"] for r in ok],
             "first_loss": ok[0]["first_loss"],
             "trainable_params": ok[0]["trainable_params"],
             "emb_output_requires_grad": ok[0]["emb_output_requires_grad"],
-            "errors": [r["error"] for r in rs if "error" in r],
             "max_other_cores": max(r["other_cores"] for r in ok),
-            "attempts": [r.get("attempts", 1) for r in ok],
+            "redone_steps": sum(r["redone_steps"] for r in ok),
         }
+        for ref_name, key in (("floor", "floor"), ("peft", "peft")):
+            if ref_name == "floor":
+                ref = "floor" if name != "floor" else None
+            else:
+                ref = peer(name) if parse_config(name)[0] == "ours" else None
+            if ref is None:
+                continue
+            wall, cpu, rss = [], [], []
+            for r in ok:
+                other = by_key.get((r["round"], tuple(r["group"]), ref))
+                if other and "error" not in other:
+                    wall.append(r["median_step_s"] / other["median_step_s"])
+                    cpu.append(r["median_cpu_step_s"] / other["median_cpu_step_s"])
+                    rss.append(r["peak_rss_mib"] - other["peak_rss_mib"])
+            if wall:
+                a[f"vs_{key}"] = statistics.median(wall)
+                a[f"cpu_vs_{key}"] = statistics.median(cpu)
+                a[f"vs_{key}_each"] = wall
+                if key == "floor":
+                    a["rss_above_floor_mib"] = statistics.median(rss)
+        agg[name] = a
     return agg
 
 
 def peer(name: str) -> str | None:
-    impl, target, p = parse_config(name)
+    impl, _, _ = parse_config(name)
     if impl == "floor":
         return None
     other = "peft" if impl == "ours" else "ours"
-    return name.replace(impl, other, 1)
+    return other + name[len(impl):]
 
 
 def build_table(agg: dict[str, dict], order: list[str]) -> list[dict]:
-    floor = agg.get("floor", {})
     rows = []
     for name in order:
-        a = agg[name]
-        row = {"config": name, "label": describe(name)}
-        if "error" in a:
-            row["error"] = a["error"]
-            rows.append(row)
-            continue
-        row.update(median_step_s=a["median_step_s"], median_cpu_step_s=a["median_cpu_step_s"], peak_rss_mib=a["peak_rss_mib"],
-                   first_loss=a["first_loss"], trainable_params=a["trainable_params"],
-                   emb_grad=a["emb_output_requires_grad"], round_medians_s=a["round_medians_s"],
-                   max_other_cores=a["max_other_cores"])
-        if "median_step_s" in floor:
-            row["vs_floor"] = a["median_step_s"] / floor["median_step_s"]
-            row["cpu_vs_floor"] = a["median_cpu_step_s"] / floor["median_cpu_step_s"]
-            row["rss_above_floor_mib"] = a["peak_rss_mib"] - floor["peak_rss_mib"]
-        pn = peer(name)
-        if parse_config(name)[0] == "ours" and pn in agg and "median_step_s" in agg[pn]:
-            row["vs_peft"] = a["median_step_s"] / agg[pn]["median_step_s"]
-            row["cpu_vs_peft"] = a["median_cpu_step_s"] / agg[pn]["median_cpu_step_s"]
+        row = {"config": name, "label": describe(name), **agg[name]}
         rows.append(row)
     return rows
 
 
 def evaluate_targets(agg: dict[str, dict]) -> list[dict]:
-    def t(name):
-        return agg.get(name, {}).get("median_step_s")
-
-    def c(name):
-        return agg.get(name, {}).get("median_cpu_step_s")
-
-    def rss_above(name):
-        if "peak_rss_mib" not in agg.get(name, {}) or "peak_rss_mib" not in agg.get("floor", {}):
-            return None
-        return agg[name]["peak_rss_mib"] - agg["floor"]["peak_rss_mib"]
-
     out = []
 
-    def ratio_target(desc, num_cfg, den_cfg, limit, num_name, den_name):
-        num, den = t(num_cfg), t(den_cfg)
-        if num is None or den is None:
+    def ratio_target(desc, cfg, key, limit):
+        a = agg.get(cfg, {})
+        if key not in a:
             out.append({"target": desc, "status": "N/A", "detail": "not measured in this run"})
             return
-        r, rc = num / den, c(num_cfg) / c(den_cfg)
-        out.append({"target": desc, "status": "PASS" if r <= limit else "FAIL", "value": r, "cpu_time_ratio": rc, "limit": limit,
-                    "detail": f"{num_name} {num:.3f} s / {den_name} {den:.3f} s = {r:.3f}x (limit {limit:.2f}x); "
-                              f"CPU-time ratio {rc:.3f}x"})
+        r, rc = a[key], a["cpu_" + key]
+        each = ", ".join(f"{x:.3f}" for x in a[key + "_each"])
+        out.append({"target": desc, "status": "PASS" if r <= limit else "FAIL", "value": r, "cpu_time_ratio": rc,
+                    "limit": limit, "detail": f"{r:.3f}x (limit {limit:.2f}x; per group/round {each}); CPU-time ratio {rc:.3f}x"})
 
-    ratio_target("all-linear p=0.1: ours <= 0.80x peft step time", "ours-all-p0.1", "peft-all-p0.1", 0.80, "ours", "peft")
-    ratio_target("all-linear p=0.1: ours <= 1.25x floor step time", "ours-all-p0.1", "floor", 1.25, "ours", "floor")
-    ratio_target("q,v p=0.1: ours <= 1.05x floor step time", "ours-qv-p0.1", "floor", 1.05, "ours", "floor")
+    ratio_target("all-linear p=0.1: ours <= 0.80x peft step time", "ours-all-p0.1", "vs_peft", 0.80)
+    ratio_target("all-linear p=0.1: ours <= 1.25x floor step time", "ours-all-p0.1", "vs_floor", 1.25)
+    ratio_target("q,v p=0.1: ours <= 1.05x floor step time", "ours-qv-p0.1", "vs_floor", 1.05)
     for tgt in TARGETS:
         for p in DROPOUTS:
-            o, q = rss_above(f"ours-{tgt}-{p}"), rss_above(f"peft-{tgt}-{p}")
+            o, q = agg.get(f"ours-{tgt}-{p}", {}), agg.get(f"peft-{tgt}-{p}", {})
             desc = f"{TARGET_LABEL[tgt]} p={DROPOUTS[p]:g}: ours' peak RSS above floor <= 0.5x peft's"
-            if o is None or q is None:
+            if "rss_above_floor_mib" not in o or "rss_above_floor_mib" not in q:
                 out.append({"target": desc, "status": "N/A", "detail": "not measured in this run"})
                 continue
-            ok = o <= 0.5 * q
-            r = o / q if q > 0 else float("nan")
-            out.append({"target": desc, "status": "PASS" if ok else "FAIL", "value": r, "limit": 0.5,
-                        "detail": f"ours +{o:.0f} MiB / peft +{q:.0f} MiB = {r:.2f}x (limit 0.50x)"})
+            om, qm = o["rss_above_floor_mib"], q["rss_above_floor_mib"]
+            r = om / qm if qm > 0 else float("nan")
+            out.append({"target": desc, "status": "PASS" if om <= 0.5 * qm else "FAIL", "value": r, "limit": 0.5,
+                        "detail": f"ours {om:+.0f} MiB / peft {qm:+.0f} MiB = {r:.2f}x (limit 0.50x)"})
     return out
 
 
 def fmt_table(rows: list[dict], max_other_cores: float = 0.15) -> str:
     head = ("| config | median step (s) | x floor | x peft (same config) | peak RSS (MiB) | RSS above floor (MiB) "
-            "| per-round medians (s) | CPU s/step | CPU x floor | CPU x peft | other procs' cores (max) | trainable params | emb. output grad | first loss |")
-    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+            "| per-run medians (s) | CPU s/step | CPU x floor | CPU x peft | other procs' cores (worst run) "
+            "| trainable params | emb. output grad | first loss |")
+    ncol = head.count("|") - 1
+    lines = [head, "|" + "|".join(["---"] * ncol) + "|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | ERROR | | | | | | | | | | | | |")
+            lines.append(f"| {r['label']} | ERROR |" + " |" * (ncol - 2))
             continue
-        vs_floor = f"{r['vs_floor']:.3f}" if "vs_floor" in r else ""
-        vs_peft = f"{r['vs_peft']:.3f}" if "vs_peft" in r else ""
-        cpu_floor = f"{r['cpu_vs_floor']:.3f}" if "cpu_vs_floor" in r else ""
-        cpu_peft = f"{r['cpu_vs_peft']:.3f}" if "cpu_vs_peft" in r else ""
-        above = f"{r['rss_above_floor_mib']:+.0f}" if "rss_above_floor_mib" in r and r["config"] != "floor" else ""
-        rounds = ", ".join(f"{x:.3f}" for x in r["round_medians_s"])
+
+        def f(key, spec=".3f"):
+            return format(r[key], spec) if key in r else ""
+
         other = f"{r['max_other_cores']:.2f}" + (" (CONTENDED)" if r["max_other_cores"] > max_other_cores else "")
-        lines.append(f"| {r['label']} | {r['median_step_s']:.3f} | {vs_floor} | {vs_peft} | {r['peak_rss_mib']:.0f} | {above} "
-                     f"| {rounds} | {r['median_cpu_step_s']:.3f} | {cpu_floor} | {cpu_peft} | {other} | {r['trainable_params']:,} | {'yes' if r['emb_grad'] else 'no'} | {r['first_loss']:.4f} |")
+        lines.append(
+            f"| {r['label']} | {r['median_step_s']:.3f} | {f('vs_floor')} | {f('vs_peft')} | {r['peak_rss_mib']:.0f} "
+            f"| {f('rss_above_floor_mib', '+.0f')} | {', '.join(f'{x:.3f}' for x in r['run_medians_s'])} "
+            f"| {r['median_cpu_step_s']:.3f} | {f('cpu_vs_floor')} | {f('cpu_vs_peft')} | {other} "
+            f"| {r['trainable_params']:,} | {'yes' if r['emb_output_requires_grad'] else 'no'} | {r['first_loss']:.4f} |")
     return "\n".join(lines)
 
 
@@ -397,7 +483,7 @@ def fmt_targets(targets: list[dict], rows: list[dict] | None = None, max_other_c
     contended = [r["label"] for r in rows or [] if r.get("max_other_cores", 0.0) > max_other_cores]
     if contended:
         text += ("\n\nWarning: other processes competed for the CPUs during " + ", ".join(contended)
-                 + " even after reruns; their times are inflated and the verdicts involving them are unreliable.")
+                 + " even after redoing steps; their times are inflated and the verdicts involving them are unreliable.")
     return text
 
 
@@ -454,17 +540,17 @@ def write_results(prefix: Path, env: dict, command: str, args, rows, targets, ru
         "grads cleared with `zero_grad(set_to_none=True)` outside the timed region. "
         "Floor = the same model fully frozen with `enable_input_require_grads()`. "
         "Each configuration runs in its own process; every process imports torch, transformers, peft and "
-        "lightning_peft, so import memory is the same for all. Peak RSS = the child's `ru_maxrss`. "
-        f"The set ran {args.rounds} round(s) in alternating order; step time = median of the per-round medians, "
-        "RSS = median of per-round peaks. Ratios are within this run only. "
-        "The machine is shared: before each process the parent waits (up to --quiet-wait s) for a 1 s window "
-        "with under 0.15 busy cores; each step also records the cores *other* processes used meanwhile (/proc/stat), "
-        f"a configuration seeing more than {args.max_other_cores} such cores is rerun (up to {args.retries} times, "
-        "least-contended attempt kept); the table shows the worst kept value. "
-        "\"CPU s/step\" = this process's CPU seconds per step (median; all its threads), a work measure that is "
-        "far less sensitive to other processes than wall time; targets are judged on wall time. "
-        "\"emb. output grad\" = whether the input-embedding output requires grad (backward computes it): "
-        "only the floor does; LoRA configs backprop into layer 0's adapters but stop at its frozen input.",
+        "lightning_peft, so import memory is the same for all. Peak RSS = the child's `ru_maxrss`.",
+        "",
+        "Method: for each (targets, dropout) setting the floor, peft and ours processes live together and take turns "
+        "step by step (rotating order, one computing at a time), so machine drift hits the three alike; each ratio "
+        "(x floor, x peft, RSS above floor) is formed inside its group and then the median over groups and rounds is "
+        f"taken (the floor runs in every group). {args.rounds} round(s), groups in alternating order. Step time = "
+        "median of per-run medians. A step during which other processes used more than "
+        f"{args.max_other_cores} cores (/proc/stat) is redone after waiting for a quiet moment (up to "
+        f"{args.step_retries} times). \"CPU s/step\" = the process's CPU seconds per step (all threads). "
+        "\"emb. output grad\" = whether the input-embedding output requires grad (backward computes it): only the "
+        "floor does; LoRA configs backprop into layer 0's adapters but stop at its frozen input.",
         "",
         fmt_table(rows, args.max_other_cores),
         "",
@@ -481,7 +567,8 @@ def write_results(prefix: Path, env: dict, command: str, args, rows, targets, ru
     prefix.with_suffix(".md").write_text("\n".join(md))
     payload = {"environment": env, "command": command,
                "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": THREADS,
-                            "batch": BATCH, "seq": SEQ, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "model": MODEL_CONFIG},
+                            "batch": BATCH, "seq": SEQ, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "model": MODEL_CONFIG,
+                            "max_other_cores": args.max_other_cores, "step_retries": args.step_retries},
                "table": rows, "targets": targets, "runs": runs}
     prefix.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {prefix.with_suffix('.md')} and {prefix.with_suffix('.json')}")
@@ -493,11 +580,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per process (median taken)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per process")
     ap.add_argument("--rounds", type=int, default=2, help="times the whole set is run, alternating order")
-    ap.add_argument("--quiet-wait", type=float, default=180.0,
-                    help="before each process, wait up to this many seconds for a nearly idle machine")
     ap.add_argument("--max-other-cores", type=float, default=0.15,
-                    help="rerun a configuration whose timed steps saw other processes using more cores than this")
-    ap.add_argument("--retries", type=int, default=5, help="reruns allowed per configuration and round for contention")
+                    help="redo a timed step during which other processes used more cores than this")
+    ap.add_argument("--step-retries", type=int, default=5, help="times a contended step may be redone")
+    ap.add_argument("--quiet-wait", type=float, default=120.0,
+                    help="before redoing a contended step, wait up to this many seconds for a nearly idle machine")
+    ap.add_argument("--max-total-wait", type=float, default=3600.0,
+                    help="total seconds the run may spend waiting for quiet moments; after that contended steps are kept (and flagged)")
     ap.add_argument("--out", default=None, help="results prefix (writes PREFIX.md/.json); default: "
                     "benchmarks/results/cpu_lora for a full default run, nothing otherwise")
     ap.add_argument("--profile", default=None, metavar="CONFIG[,CONFIG...]",
@@ -505,13 +594,12 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--profile-shapes", action="store_true", help="group profiler rows by input shape (LoRA-branch ops show r=8)")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--abort-above", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.steps, args.warmup, args.abort_above)), flush=True)
+    if args.serve:
+        serve(args.serve)
         return
     if args.profile_child:
         profile(args.profile_child, args.profile_steps, args.warmup, args.profile_rows, args.profile_shapes)
@@ -532,35 +620,21 @@ def main() -> None:
     for c in configs:
         parse_config(c)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] + sys.argv[1:])
+    groups = make_groups(configs)
+    args.wait_budget_left = args.max_total_wait
 
-    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    runs: list[dict] = []
     for rnd in range(args.rounds):
-        order = configs if rnd % 2 == 0 else list(reversed(configs))
-        for name in order:
+        for group in (groups if rnd % 2 == 0 else list(reversed(groups))):
             t = time.perf_counter()
-            attempts = []
-            for attempt in range(1 + max(0, args.retries)):
-                wait_for_quiet(args.quiet_wait)
-                last = attempt == args.retries
-                attempts.append(run_child(name, args.steps, args.warmup, None if last else args.max_other_cores))
-                if "error" in attempts[-1] or last or (
-                        not attempts[-1].get("aborted") and attempts[-1]["other_cores"] <= args.max_other_cores):
-                    break
-                print(f"[round {rnd}] {name:16s} other processes used {attempts[-1]['other_cores']:.2f} cores "
-                      f"(> {args.max_other_cores}): {'stopped early, ' if attempts[-1].get('aborted') else ''}rerunning",
-                      flush=True)
-            ok = [a for a in attempts if "error" not in a and not a.get("aborted")]
-            r = min(ok, key=lambda a: a["other_cores"]) if ok else attempts[-1]
-            r["round"], r["attempts"] = rnd, len(attempts)
-            runs[name].append(r)
-            if "error" in r:
-                print(f"[round {rnd}] {name:16s} ERROR ({time.perf_counter() - t:.0f}s)\n{r['error']}", flush=True)
-            else:
-                print(f"[round {rnd}] {name:16s} median {r['median_step_s']:.3f} s  peak RSS {r['peak_rss_mib']:.0f} MiB  "
-                      f"cpu {r['median_cpu_step_s']:.3f} s  loss {r['first_loss']:.4f}  cores own {r['own_cores']:.2f} other {r['other_cores']:.2f}  "
-                      f"({time.perf_counter() - t:.0f}s)", flush=True)
+            res = run_group(group, rnd, args, log)
+            runs += [res[n] for n in group]
+            log(f"[round {rnd}] group {','.join(group)} took {time.perf_counter() - t:.0f} s")
 
-    agg = aggregate(runs)
+    agg = aggregate(runs, configs)
     rows = build_table(agg, configs)
     targets = evaluate_targets(agg)
     print()
@@ -569,7 +643,7 @@ def main() -> None:
     print(fmt_targets(targets, rows, args.max_other_cores))
 
     out = args.out
-    full = (set(configs) == set(CONFIGS) and args.steps == 10 and args.warmup == 3 and args.rounds >= 2)
+    full = set(configs) == set(CONFIGS) and args.steps == 10 and args.warmup == 3 and args.rounds >= 2
     if out is None and full:
         out = str(DEFAULT_OUT)
     if out:
