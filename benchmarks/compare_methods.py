@@ -52,8 +52,8 @@ METHODS: dict[str, tuple[str, str, list[float]]] = {
     "adapter": ("bottleneck adapters, Houlsby (ours)", "ours", [5e-4, 1e-3, 3e-3, 1e-2]),
     "prefix": ("prefix tuning (ours)", "ours", [3e-3, 1e-2, 3e-2]),
     "peft_prefix": ("prefix tuning (peft)", "peft", [3e-3, 1e-2, 3e-2]),
-    "prompt": ("prompt tuning (ours)", "ours", [3e-3, 1e-2, 3e-2]),
-    "peft_prompt": ("prompt tuning (peft)", "peft", [3e-3, 1e-2, 3e-2]),
+    "prompt": ("prompt tuning (ours)", "ours", [1e-3, 3e-3, 1e-2, 3e-2]),
+    "peft_prompt": ("prompt tuning (peft)", "peft", [1e-3, 3e-3, 1e-2, 3e-2]),
     "bitfit": ("BitFit (ours)", "ours", [1e-3, 3e-3, 1e-2]),
 }
 
