@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["quantized_drop_probability", "draw_keep_mask", "pack_mask", "unpack_mask", "mask_bytes_per_row"]
+__all__ = [
+    "quantized_drop_probability",
+    "draw_keep_mask",
+    "pack_mask",
+    "unpack_mask",
+    "unpack_mask_as_select_bits",
+    "keep_mask_as_select_bits",
+    "apply_select_bits",
+    "mask_bytes_per_row",
+]
 
 _INT16_LEVELS = 1 << 16
 # Multiplying a 64-bit word of eight 0/1 bytes by this gathers byte i into bit 56 + i
@@ -84,12 +93,73 @@ def pack_mask(keep: torch.Tensor) -> torch.Tensor:
     return ((eight_bytes * _GATHER_BYTES) >> 56).to(torch.uint8)
 
 
-def unpack_mask(mask: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`: ``uint8 [N, ceil(K / 8)]`` -> ``bool [N, K]`` (a view when K % 8 == 0)."""
+def _unpack_to_bytes(mask: torch.Tensor, byte_value: int) -> torch.Tensor:
+    """``uint8 [N, B]`` packed bits -> ``int64 [N, B]`` words whose byte i is ``byte_value`` or 0 (bit i)."""
     words = mask.to(torch.int64) * _REPLICATE_BYTE  # byte i of each word = the packed byte
     words &= _SELECT_BIT_I_OF_BYTE_I  # byte i keeps only its bit i: 0 or 2**i
     words += _SEVEN_F  # byte i: bit 7 set iff bit i was set (no carries: max 0x80 + 0x7F)
     words >>= 7
-    words &= _REPLICATE_BYTE
-    keep = words.view(torch.bool)
+    words &= _REPLICATE_BYTE  # byte i: 0 or 1
+    if byte_value != 1:
+        words *= byte_value  # 0 or byte_value in every byte; no carries for byte_value <= 0xFF
+    return words
+
+
+def unpack_mask(mask: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: ``uint8 [N, ceil(K / 8)]`` -> ``bool [N, K]`` (a view when K % 8 == 0)."""
+    keep = _unpack_to_bytes(mask, 1).view(torch.bool)
     return keep if keep.shape[1] == cols else keep[:, :cols]
+
+
+# Masking with torch.where(keep, x, 0) runs at about half the speed of a vectorised bitwise AND
+# on CPU, so the LoRA op masks through "select bits": an integer tensor as wide as the float
+# dtype holding all ones (keep) or 0 (drop), ANDed with the float's bit pattern.
+_SELECT_BITS_DTYPE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _select_bits_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _SELECT_BITS_DTYPE[torch.empty((), dtype=dtype).element_size()]
+
+
+def keep_mask_as_select_bits(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``bool [N, K]`` -> select bits for ``dtype`` (integer of the same width: -1 keep, 0 drop).
+
+    Consumes ``keep``: its storage is negated in place (0/1 -> 0/-1 as int8) to save a pass.
+    """
+    minus_one_or_zero = keep.view(torch.int8).neg_()
+    return minus_one_or_zero.to(_select_bits_dtype(dtype))  # sign extension keeps -1 all ones
+
+
+_SELECT_BITS_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _select_bits_table(int_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[256, 8]`` table: row b holds the select bits of packed byte b (bit j -> column j)."""
+    key = (int_dtype, device)
+    table = _SELECT_BITS_TABLES.get(key)
+    if table is None:
+        bit_of_byte = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        table = _SELECT_BITS_TABLES[key] = bit_of_byte.neg().to(device=device, dtype=int_dtype)
+    return table
+
+
+def unpack_mask_as_select_bits(mask: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Packed ``uint8 [N, ceil(K / 8)]`` -> select bits ``[N, K]`` for ``dtype`` (-1 keep, 0 drop)."""
+    # One table lookup per packed byte writes its 8 select values: half the time of bit tricks
+    # followed by a widening copy.
+    rows, packed = mask.shape
+    table = _select_bits_table(_select_bits_dtype(dtype), mask.device)
+    bits = table.index_select(0, mask.reshape(-1).to(torch.int64)).view(rows, packed * 8)
+    return bits if packed * 8 == cols else bits[:, :cols]
+
+
+def apply_select_bits(values: torch.Tensor, select_bits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``values`` where kept, +0.0 where dropped (``values [N, K]`` float, ``select_bits`` from above).
+
+    Bitwise, so a dropped inf or NaN becomes exactly 0 like ``torch.where`` would make it.
+    ``out`` (same shape and dtype as ``values``, may be ``values`` itself) receives the result.
+    """
+    int_dtype = select_bits.dtype
+    target = torch.empty(values.shape, dtype=values.dtype, device=values.device) if out is None else out
+    torch.bitwise_and(values.view(int_dtype), select_bits, out=target.view(int_dtype))
+    return target

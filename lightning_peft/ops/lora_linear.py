@@ -34,11 +34,13 @@ import torch
 from torch import Tensor
 
 from lightning_peft.ops.dropout_mask import (
+    apply_select_bits,
     draw_keep_mask,
+    keep_mask_as_select_bits,
     mask_bytes_per_row,
     pack_mask,
     quantized_drop_probability,
-    unpack_mask,
+    unpack_mask_as_select_bits,
 )
 
 __all__ = ["lora_linear", "lora_linear_forward", "lora_linear_backward", "forward_pytorch", "backward_pytorch"]
@@ -65,6 +67,46 @@ def _check_inputs(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, rng
     torch._check(0.0 <= dropout_p < 1.0, lambda: f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _dropout_hidden(x2: Tensor, lora_a: Tensor, dropout_p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
+    """``dropout(x2) Aᵀ`` (scaled by 1 / keep probability) and the packed keep mask.
+
+    Args:
+        x2: ``[N, K]``; lora_a: ``[r, K]``; rng: ``int64 [2]`` (seed, offset).
+
+    Returns:
+        hidden ``[N, r]`` and mask ``uint8 [N, ceil(K / 8)]``.
+    """
+    n, k = x2.shape
+    keep = draw_keep_mask(n, k, dropout_p, rng).to(x2.device)  # [N, K] bool, transient
+    mask = pack_mask(keep)
+    select_bits = keep_mask_as_select_bits(keep, x2.dtype)  # consumes keep
+    x_kept = apply_select_bits(x2, select_bits, out=select_bits.view(x2.dtype))  # reuses the select bits' memory
+    hidden = torch.mm(x_kept, lora_a.t())
+    return hidden.mul_(_keep_scale(dropout_p)), mask  # scale the small [N, r] tensor, not x
+
+
+def _dropout_backward(
+    x2: Tensor, g2: Tensor, weight: Tensor, lora_a: Tensor, d_hidden: Tensor, mask: Tensor, compute_grad_x: bool
+) -> tuple[Optional[Tensor], Tensor]:
+    """grad_a ``[r, K]`` = d_hiddenᵀ (x2 ⊙ keep) and grad_x ``[N, K]`` = g2 W + keep ⊙ (d_hidden A).
+
+    Args:
+        x2: ``[N, K]``; g2: ``[N, D]``; weight: ``[D, K]``; lora_a: ``[r, K]``;
+        d_hidden: ``[N, r]`` (scaling and 1 / keep probability applied); mask: packed ``[N, ceil(K/8)]``.
+    """
+    k = x2.shape[1]
+    select_bits = unpack_mask_as_select_bits(mask, k, x2.dtype)  # [N, K], transient
+    x_kept = apply_select_bits(x2, select_bits)
+    grad_a = torch.mm(d_hidden.t(), x_kept)
+    if not compute_grad_x:
+        return None, grad_a
+    # LoRA part first (masked in place, in x_kept's memory), then the base GEMM accumulates onto
+    # it (beta = 1 inside the GEMM) instead of a separate read-modify-write pass.
+    grad_x = torch.mm(d_hidden, lora_a, out=x_kept)
+    apply_select_bits(grad_x, select_bits, out=grad_x)
+    return grad_x.addmm_(g2, weight), grad_a
+
+
 def forward_pytorch(
     x: Tensor,
     weight: Tensor,
@@ -80,16 +122,16 @@ def forward_pytorch(
     _check_inputs(x, weight, lora_a, lora_b, rng, dropout_p)
     k, d = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)  # [N, K]
-    y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # [N, D]
     if _dropout_active(dropout_p, training):
-        keep = draw_keep_mask(x2.shape[0], k, dropout_p, rng).to(x.device)  # [N, K] bool, transient
-        hidden = torch.mm(torch.where(keep, x2, 0.0), lora_a.t())  # [N, r]
-        hidden.mul_(_keep_scale(dropout_p))  # on the small [N, r] tensor, not on x
-        mask = pack_mask(keep)  # [N, ceil(K/8)] uint8
+        hidden, mask = _dropout_hidden(x2, lora_a, dropout_p, rng)
     else:
         hidden = torch.mm(x2, lora_a.t())
         mask = x.new_empty((0,), dtype=torch.uint8)
-    y.addmm_(hidden, lora_b.t(), alpha=scaling)  # accumulate into the base output: no extra [N, D] tensor
+    # The small LoRA product first, then the base GEMM accumulates onto it (beta = 1 inside the
+    # GEMM): one write of y instead of a write plus a read-modify-write pass for the LoRA term.
+    scaled_hidden = hidden * scaling  # [N, r]
+    y = torch.mm(scaled_hidden, lora_b.t()) if bias is None else torch.addmm(bias, scaled_hidden, lora_b.t())  # [N, D]
+    y.addmm_(x2, weight.t())
     return y.view(*x.shape[:-1], d), hidden, mask
 
 
@@ -139,19 +181,16 @@ def backward_pytorch(
     k, d = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)  # [N, K]
     g2 = grad_y.reshape(-1, d)  # [N, D]
-    grad_b = torch.mm(g2.t(), lora_hidden).mul_(scaling)  # [D, r]
+    # (hiddenᵀ g)ᵀ: the [r, N] x [N, D] orientation is ~3x faster on CPU BLAS than gᵀ hidden.
+    grad_b = torch.mm(lora_hidden.t(), g2).t().mul_(scaling).contiguous()  # [D, r]
+    d_hidden = torch.mm(g2, lora_b).mul_(scaling * (_keep_scale(dropout_p) if dropout_p > 0.0 else 1.0))  # [N, r]
     if dropout_p > 0.0:
-        keep = unpack_mask(mask, k)  # [N, K] bool, transient
-        d_hidden = torch.mm(g2, lora_b).mul_(scaling * _keep_scale(dropout_p))  # [N, r]
-        grad_a = torch.mm(d_hidden.t(), torch.where(keep, x2, 0.0))  # [r, K]
-        if compute_grad_x:
-            grad_x = torch.mm(g2, weight)  # [N, K]
-            grad_x.add_(torch.where(keep, torch.mm(d_hidden, lora_a), 0.0))
+        grad_x, grad_a = _dropout_backward(x2, g2, weight, lora_a, d_hidden, mask, compute_grad_x)
     else:
-        d_hidden = torch.mm(g2, lora_b).mul_(scaling)
-        grad_a = torch.mm(d_hidden.t(), x2)
+        grad_a = torch.mm(d_hidden.t(), x2)  # [r, K]
         if compute_grad_x:
-            grad_x = torch.mm(g2, weight).addmm_(d_hidden, lora_a)
+            # LoRA term first, then the base GEMM accumulates onto it (beta = 1).
+            grad_x = torch.mm(d_hidden, lora_a).addmm_(g2, weight)  # [N, K]
     if not compute_grad_x:
         grad_x = x.new_empty((0,))
     return grad_x.view(x.shape) if compute_grad_x else grad_x, grad_a, grad_b
