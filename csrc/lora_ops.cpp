@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -37,8 +38,11 @@ constexpr int64_t kFlagPoison = 2;   // fill outputs and workspaces with NaN / 0
 
 constexpr int kDropLevels = 1 << 16;
 
-/// round(p * 65536) with round-half-to-even, exactly like Python's round() in the CPU path.
-uint32_t drop_threshold(double p) { return static_cast<uint32_t>(std::nearbyint(p * kDropLevels)); }
+/// round(p * 65536) with round-half-to-even, capped at 65535, exactly like drop_threshold() in
+/// lightning_peft/ops/dropout_mask.py (the cap keeps the keep scale finite for p within 2^-17 of 1).
+uint32_t drop_threshold(double p) {
+  return std::min(static_cast<uint32_t>(std::nearbyint(p * kDropLevels)), static_cast<uint32_t>(kDropLevels - 1));
+}
 
 double keep_scale(uint32_t p16) { return 1.0 / (1.0 - static_cast<double>(p16) / kDropLevels); }
 

@@ -108,6 +108,26 @@ def test_rejects_bad_shapes_and_probability():
         lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=1.0, rng=rng, training=True)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.37, 1 / 65536, 0.9999, 1e-6, 1 - 1e-7])
+@pytest.mark.parametrize("rows, cols", [(3, 64), (5, 13)])
+def test_packed_draw_is_a_16_bit_threshold_compare(p, rows, cols):
+    """Recompute each element's 16-bit number from the same random words, one bit at a time, and
+    check the bit-serial word comparison drops exactly the elements with u < round(p * 65536)."""
+    from lightning_peft.ops.dropout_mask import _generator_for, draw_packed_keep_mask
+
+    rng = torch.tensor([5, 9])
+    mask = draw_packed_keep_mask(rows, cols, p, rng)
+    bytes_per_row = (cols + 7) // 8
+    n_bytes = rows * bytes_per_row
+    words = torch.empty((16, (n_bytes + 7) // 8), dtype=torch.int64).random_(-(2**63), None, generator=_generator_for(rng))
+    lane_bits = torch.stack([((words[i].view(torch.uint8)[:n_bytes, None] >> torch.arange(8)) & 1) for i in range(16)])
+    u = sum((1 - lane_bits[i].long()) << i for i in range(16))  # bit i of u = NOT bit of word i
+    expected_keep = (u >= min(round(p * 65536), 65535)).view(rows, bytes_per_row * 8)[:, :cols]
+    assert torch.equal(unpack_mask(mask, cols), expected_keep)
+    if cols % 8:
+        assert (mask[:, -1] >> (cols % 8)).eq(0).all()  # padding bits are 0
+
+
 def test_dropout_keep_rate_and_scaling():
     """Keep rate ≈ 1 - p (binomial 5-sigma bound) and kept values scaled so E[dropout(x)] = x."""
     p, n, k = 0.1, 4096, 256

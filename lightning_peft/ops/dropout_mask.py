@@ -16,7 +16,9 @@ import torch
 
 __all__ = [
     "quantized_drop_probability",
+    "drop_threshold",
     "draw_keep_mask",
+    "draw_packed_keep_mask",
     "pack_mask",
     "unpack_mask",
     "unpack_mask_as_select_bits",
@@ -26,6 +28,7 @@ __all__ = [
 ]
 
 _INT16_LEVELS = 1 << 16
+_INT16_BITS = 16
 # Multiplying a 64-bit word of eight 0/1 bytes by this gathers byte i into bit 56 + i
 # (all partial products land on distinct bits, so nothing carries into the top byte).
 _GATHER_BYTES = 0x0102040810204080
@@ -41,14 +44,22 @@ _SELECT_BIT_I_OF_BYTE_I = _as_int64(0x8040201008040201)
 _SEVEN_F = 0x7F7F7F7F7F7F7F7F
 
 
-def quantized_drop_probability(p: float) -> float:
-    """The drop probability the 16-bit draw realises for a requested ``p``.
+def drop_threshold(p: float) -> int:
+    """``T = round(p * 65536)``, at most 65535: an element is dropped when its uniform 16-bit draw is below T.
 
-    A draw ``u`` uniform on the 65,536 int16 values drops the element when it falls in the lowest
-    ``round(p * 65536)`` of them, so the realised probability is that count / 65536 (|error| <=
-    7.7e-6). The kept values are scaled by ``1 / (1 - realised)``, keeping dropout unbiased.
+    The cap keeps at least one keep level for p within 2^-17 of 1 (otherwise nothing would be kept
+    and the 1 / keep-probability scale would be infinite). csrc/lora_ops.cpp computes the same.
     """
-    return round(p * _INT16_LEVELS) / _INT16_LEVELS
+    return min(round(p * _INT16_LEVELS), _INT16_LEVELS - 1)
+
+
+def quantized_drop_probability(p: float) -> float:
+    """The drop probability the 16-bit draw realises for a requested ``p``: ``drop_threshold(p) / 65536``.
+
+    |error| <= 7.7e-6 (2^-17) for p < 1 - 2^-17. The kept values are scaled by
+    ``1 / (1 - realised)``, keeping dropout unbiased.
+    """
+    return drop_threshold(p) / _INT16_LEVELS
 
 
 def mask_bytes_per_row(k: int) -> int:
@@ -64,21 +75,54 @@ def _generator_for(rng: torch.Tensor) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(mixed)
 
 
-def draw_keep_mask(rows: int, cols: int, p: float, rng: torch.Tensor) -> torch.Tensor:
-    """Draw a boolean keep-mask ``bool [rows, cols]`` with drop probability ``quantized(p)``.
+def draw_packed_keep_mask(rows: int, cols: int, p: float, rng: torch.Tensor) -> torch.Tensor:
+    """Draw a keep-mask with drop probability ``quantized(p)``, directly in packed form.
+
+    Returns ``uint8 [rows, ceil(cols / 8)]`` (layout in the module docstring; padding bits 0).
+
+    How: every element gets a uniform 16-bit number ``u`` and is dropped when ``u < T`` with
+    ``T = round(p * 65536)``. Bit i of the ``u`` of 64 neighbouring elements comes from one random
+    64-bit word ``R_i``, so "u < T" for all 64 lanes at once is the textbook bit-serial comparison
+    against the constant T, least significant bit first: ``lt = R_i | lt`` where T has a 1 and
+    ``lt = R_i & lt`` where it has a 0 (R_i plays the role of NOT u_i, equally uniform). That is
+    16 random bits per element, as a per-element int16 draw would use, but without any
+    per-element compare or packing pass: the 64-bit words of ``~lt`` already are the packed mask.
 
     Args:
         rows, cols: mask shape.
         p: requested drop probability in (0, 1).
         rng: ``int64 [2]`` tensor ``(seed, offset)``; same key, same mask.
     """
-    n = rows * cols
-    # Full int64 range: plain random_() leaves the sign bit 0, which would make every fourth
-    # int16 non-negative and never dropped.
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=_generator_for(rng))
-    draws = words.view(torch.int16)[:n].view(rows, cols)
-    threshold = round(p * _INT16_LEVELS) - (_INT16_LEVELS // 2)
-    return draws >= threshold
+    bytes_per_row = mask_bytes_per_row(cols)
+    n_bytes = rows * bytes_per_row
+    n_words = (n_bytes + 7) // 8
+    threshold = drop_threshold(p)
+    if threshold == 0:  # p < 2^-17 quantizes to "never drop"
+        keep = torch.full((rows, bytes_per_row), 0xFF, dtype=torch.uint8)
+        if cols % 8:
+            keep[:, -1] = (1 << (cols % 8)) - 1
+        return keep
+    # Full int64 range: plain random_() leaves the sign bit 0.
+    bit_words = torch.empty((_INT16_BITS, n_words), dtype=torch.int64).random_(
+        -(2**63), None, generator=_generator_for(rng)
+    )
+    # Below T's lowest set bit, lt stays 0 (x & 0); start there.
+    lowest = (threshold & -threshold).bit_length() - 1
+    below = bit_words[lowest].clone()
+    for bit in range(lowest + 1, _INT16_BITS):
+        if (threshold >> bit) & 1:
+            below.bitwise_or_(bit_words[bit])
+        else:
+            below.bitwise_and_(bit_words[bit])
+    keep = below.bitwise_not_().view(torch.uint8)[:n_bytes].view(rows, bytes_per_row)
+    if cols % 8:
+        keep[:, -1] &= (1 << (cols % 8)) - 1  # padding bits past K are 0, like pack_mask's
+    return keep
+
+
+def draw_keep_mask(rows: int, cols: int, p: float, rng: torch.Tensor) -> torch.Tensor:
+    """The mask of :func:`draw_packed_keep_mask` unpacked: ``bool [rows, cols]`` (for inspection and tests)."""
+    return unpack_mask(draw_packed_keep_mask(rows, cols, p, rng), cols)
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:

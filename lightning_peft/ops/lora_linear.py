@@ -35,10 +35,8 @@ from torch import Tensor
 
 from lightning_peft.ops.dropout_mask import (
     apply_select_bits,
-    draw_keep_mask,
-    keep_mask_as_select_bits,
+    draw_packed_keep_mask,
     mask_bytes_per_row,
-    pack_mask,
     quantized_drop_probability,
     unpack_mask_as_select_bits,
 )
@@ -77,9 +75,8 @@ def _dropout_hidden(x2: Tensor, lora_a: Tensor, dropout_p: float, rng: Tensor) -
         hidden ``[N, r]`` and mask ``uint8 [N, ceil(K / 8)]``.
     """
     n, k = x2.shape
-    keep = draw_keep_mask(n, k, dropout_p, rng).to(x2.device)  # [N, K] bool, transient
-    mask = pack_mask(keep)
-    select_bits = keep_mask_as_select_bits(keep, x2.dtype)  # consumes keep
+    mask = draw_packed_keep_mask(n, k, dropout_p, rng).to(x2.device)  # [N, ceil(K/8)] uint8
+    select_bits = unpack_mask_as_select_bits(mask, k, x2.dtype)  # [N, K], transient
     x_kept = apply_select_bits(x2, select_bits, out=select_bits.view(x2.dtype))  # reuses the select bits' memory
     hidden = torch.mm(x_kept, lora_a.t())
     return hidden.mul_(_keep_scale(dropout_p)), mask  # scale the small [N, r] tensor, not x
