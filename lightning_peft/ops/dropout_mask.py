@@ -1,10 +1,12 @@
 """Seeded dropout masks for the pure-PyTorch LoRA path, kept as 1 bit per element.
 
 Why not ``torch.nn.functional.dropout``: it draws one float per element from the global
-generator (~5 ns/element on a CPU core) and keeps a byte per element for backward. Here the
-mask is drawn as 16-bit integers, four per 64-bit word of a *private* generator keyed by
-``(seed, offset)`` (~1 ns/element), so the same key always gives the same mask no matter what
-else consumed the global RNG, and it is stored packed, 8 elements per byte, for backward.
+generator (~5 ns/element on a CPU core) and keeps a byte per element for backward. Here every
+element gets a uniform 16-bit number from a *private* generator keyed by ``(seed, offset)``
+(~1 ns/element), so the same key always gives the same mask no matter what else consumed the
+global RNG; the mask comes out of the draw already packed, 8 elements per byte
+(:func:`draw_packed_keep_mask`), and is kept that way for backward. Masking itself is a bitwise
+AND with "select bits" (:func:`unpack_mask_as_select_bits`, :func:`apply_select_bits`).
 
 Bit layout (shared with the CUDA kernels): ``mask`` is ``uint8 [N, ceil(K / 8)]``; bit ``j``
 (least significant first) of byte ``b`` in row ``n`` is 1 when element ``(n, 8 * b + j)`` is kept.
@@ -22,7 +24,6 @@ __all__ = [
     "pack_mask",
     "unpack_mask",
     "unpack_mask_as_select_bits",
-    "keep_mask_as_select_bits",
     "apply_select_bits",
     "mask_bytes_per_row",
 ]
@@ -163,15 +164,6 @@ _SELECT_BITS_DTYPE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.in
 
 def _select_bits_dtype(dtype: torch.dtype) -> torch.dtype:
     return _SELECT_BITS_DTYPE[torch.empty((), dtype=dtype).element_size()]
-
-
-def keep_mask_as_select_bits(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``bool [N, K]`` -> select bits for ``dtype`` (integer of the same width: -1 keep, 0 drop).
-
-    Consumes ``keep``: its storage is negated in place (0/1 -> 0/-1 as int8) to save a pass.
-    """
-    minus_one_or_zero = keep.view(torch.int8).neg_()
-    return minus_one_or_zero.to(_select_bits_dtype(dtype))  # sign extension keeps -1 all ones
 
 
 _SELECT_BITS_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
