@@ -14,7 +14,7 @@ training epoch without validation; on a shared CPU it is noisy, compare within o
 
 Usage (about an hour on 2 CPU cores; it writes the table when done)::
 
-    python benchmarks/compare_methods.py                    # everything
+    python benchmarks/compare_methods.py --seeds 0 1 2      # everything (the committed table; LoRA also --seeds 0 1 2 3 4)
     python benchmarks/compare_methods.py --methods prefix peft_prefix --lrs 1e-2
     python benchmarks/compare_methods.py --report-only      # rebuild the table from the saved runs
     python benchmarks/compare_methods.py --epochs 3 --train-subset 6920   # a bigger budget
@@ -229,8 +229,8 @@ def write_report(runs: list[dict[str, Any]], path: str) -> str:
             "classifier and the pooler (`modules_to_save: [classifier, pooler]`), included in the trainable counts. "
             "Produced by `python benchmarks/compare_methods.py` on 2 CPU threads.",
             "",
-            "| method | trainable params | dev accuracy | seeds | best lr | grid, seed 0 (lr: acc %) | s / epoch | weights file | Lightning ckpt |",
-            "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+            "| method | trainable params | dev accuracy | seeds | ours − peft, paired by seed | best lr | grid, seed 0 (lr: acc %) | s / epoch | weights file | Lightning ckpt |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
         ]
     by_method: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
@@ -245,11 +245,19 @@ def write_report(runs: list[dict[str, Any]], path: str) -> str:
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         grid_text = ", ".join(f"{r['lr']:g}: {100 * r['val_acc']:.1f}" for r in grid)
         fastest = min(r["seconds_per_epoch"] for r in group)  # all runs of a method compute the same; the least disturbed
+        paired = _paired_difference(method, best["lr"], by_method)
         lines.append(
-            f"| {METHODS[method][0]} | {best['trainable']:,d} | {statistics.mean(accs):.2f}%{spread} | {len(accs)} | {best['lr']:g} | "
+            f"| {METHODS[method][0]} | {best['trainable']:,d} | {statistics.mean(accs):.2f}%{spread} | {len(accs)} | {paired} | {best['lr']:g} | "
             f"{grid_text} | {fastest:.0f} | {_mib(best['weights_bytes'])} | {_mib(best['lightning_ckpt_bytes'])} |"
         )
     lines += [
+        "",
+        "*ours − peft, paired by seed*: for a method peft also has, the mean over the seeds both ran of (our accuracy − "
+        "peft's accuracy) at each one's best learning rate, ± its standard error, in points. Prefix and prompt tuning "
+        "draw their initial parameters exactly as peft does and have no dropout, so with the same seed both libraries "
+        "follow the same trajectory and the difference is 0 (it checks the two implementations against each other "
+        "end to end); LoRA's initial A and its dropout masks come from different random draws than peft's, so its "
+        "pairs differ by training noise, which the standard error measures.",
         "",
         "*s / epoch*: wall time of the training epoch (validation excluded), the fastest of the method's runs: the "
         "machine was shared with other jobs, which slowed single runs by up to 10x. Sizes in MiB unless marked. "
@@ -263,6 +271,71 @@ def write_report(runs: list[dict[str, Any]], path: str) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
     return text
+
+
+def _paired_difference(method: str, lr: float, by_method: dict[str, list[dict[str, Any]]]) -> str:
+    """``"+0.12 ± 0.30 (n=5)"``: mean ± standard error over seeds of ours − peft at each one's best lr; "—" if no peft twin."""
+    import statistics
+
+    twin = f"peft_{method}"
+    if twin not in by_method:
+        return "—"
+    twin_grid = [r for r in by_method[twin] if r.get("seed", 0) == 0]
+    if not twin_grid:
+        return "—"
+    twin_lr = max(twin_grid, key=lambda r: r["val_acc"])["lr"]
+    ours = {r.get("seed", 0): r["val_acc"] for r in by_method[method] if r["lr"] == lr}
+    theirs = {r.get("seed", 0): r["val_acc"] for r in by_method[twin] if r["lr"] == twin_lr}
+    diffs = [100 * (ours[s] - theirs[s]) for s in sorted(ours.keys() & theirs.keys())]
+    if not diffs:
+        return "—"
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.2f} (n=1)"
+    stderr = statistics.stdev(diffs) / len(diffs) ** 0.5
+    return f"{statistics.mean(diffs):+.2f} ± {stderr:.2f} (n={len(diffs)})"
+
+
+README_START = "<!-- methods-table:start (written by benchmarks/compare_methods.py --readme) -->"
+README_END = "<!-- methods-table:end -->"
+
+
+def readme_table(runs: list[dict[str, Any]]) -> str:
+    """The README's condensed table: per method its best-lr accuracy over seeds, the paired gap to peft, speed, sizes."""
+    import statistics
+
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    lines = [
+        "| method | trainable params | SST-2 dev accuracy (mean ± sd over seeds) | ours − peft (paired) | s / epoch | weights to ship (MiB) | Lightning ckpt (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method in METHODS:
+        grid = [r for r in by_method.get(method, []) if r.get("seed", 0) == 0]
+        if not grid:
+            continue
+        best = max(grid, key=lambda r: r["val_acc"])
+        accs = [100 * r["val_acc"] for r in by_method[method] if r["lr"] == best["lr"]]
+        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+        fastest = min(r["seconds_per_epoch"] for r in by_method[method])
+        lines.append(
+            f"| {METHODS[method][0]} | {best['trainable']:,d} | {statistics.mean(accs):.2f}%{spread} (n={len(accs)}) | "
+            f"{_paired_difference(method, best['lr'], by_method)} | {fastest:.0f} | {_mib(best['weights_bytes'])} | "
+            f"{_mib(best['lightning_ckpt_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def update_readme(runs: list[dict[str, Any]], path: str) -> None:
+    """Replace the block between README_START and README_END in ``path`` with :func:`readme_table`."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{path} has no {README_START!r} ... {README_END!r} block to update")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(head + README_START + "\n" + readme_table(runs) + "\n" + README_END + tail)
 
 
 def wait_for_quiet(threshold: Optional[float], max_wait: float) -> Optional[float]:
@@ -309,7 +382,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--lrs", nargs="+", type=float, default=None, help="override every method's grid")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--train-subset", type=int, default=3000)
+    parser.add_argument("--train-subset", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="the lr grid runs with the first seed; the best lr of each method reruns with the others")
@@ -318,6 +391,7 @@ def main() -> None:
     parser.add_argument("--results", default=os.path.join(RESULTS, "methods_sst2.json"))
     parser.add_argument("--report", default=os.path.join(RESULTS, "methods_sst2.md"))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--readme", action="store_true", help="also rewrite the methods table block in README.md")
     parser.add_argument("--quiet-load", type=float, default=None,
                         help="before each run wait (at most --quiet-max-wait s) until the 1-minute load average is below this")
     parser.add_argument("--quiet-max-wait", type=float, default=900)
@@ -346,6 +420,8 @@ def main() -> None:
                 if grid:
                     runs = measure(method, max(grid, key=lambda r: r["val_acc"])["lr"], seed, runs, args)
     print(write_report(runs, args.report))
+    if args.readme:
+        update_readme(runs, os.path.join(REPO, "README.md"))
 
 
 if __name__ == "__main__":
