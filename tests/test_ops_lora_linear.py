@@ -107,7 +107,7 @@ def test_rejects_bad_shapes_and_probability():
         lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=1.0, rng=rng, training=True)
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.37, 1 / 65536, 0.9999, 1e-6, 1 - 1e-7])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.37, 0.25, 1 / 65536, 0.9999, 1e-6, 1 - 1e-7])
 @pytest.mark.parametrize("rows, cols", [(3, 64), (5, 13)])
 def test_packed_draw_is_a_16_bit_threshold_compare(p, rows, cols):
     """Recompute each element's 16-bit number from the same random words, one bit at a time, and
@@ -118,10 +118,18 @@ def test_packed_draw_is_a_16_bit_threshold_compare(p, rows, cols):
     mask = draw_packed_keep_mask(rows, cols, p, rng)
     bytes_per_row = (cols + 7) // 8
     n_bytes = rows * bytes_per_row
-    words = torch.empty((16, (n_bytes + 7) // 8), dtype=torch.int64).random_(-(2**63), None, generator=_generator_for(rng))
-    lane_bits = torch.stack([((words[i].view(torch.uint8)[:n_bytes, None] >> torch.arange(8)) & 1) for i in range(16)])
-    u = sum((1 - lane_bits[i].long()) << i for i in range(16))  # bit i of u = NOT bit of word i
-    expected_keep = (u >= min(round(p * 65536), 65535)).view(rows, bytes_per_row * 8)[:, :cols]
+    threshold = min(round(p * 65536), 65535)
+    if threshold == 0:  # p < 2^-17: nothing is dropped, nothing is drawn
+        expected_keep = torch.ones(rows, cols, dtype=torch.bool)
+    else:
+        # (u >> lowest) < (T >> lowest) decides "u < T": T's lower bits are 0, so u's lower bits
+        # cannot change it and are not drawn. Row j of the draw holds bit lowest + j of NOT u.
+        lowest = (threshold & -threshold).bit_length() - 1
+        words = torch.empty((16 - lowest, (n_bytes + 7) // 8), dtype=torch.int64)
+        words.random_(-(2**63), None, generator=_generator_for(rng))
+        lane_bits = [((w.view(torch.uint8)[:n_bytes, None] >> torch.arange(8)) & 1).long() for w in words]
+        u_high = sum((1 - lane_bits[j]) << j for j in range(16 - lowest))
+        expected_keep = (u_high >= threshold >> lowest).view(rows, bytes_per_row * 8)[:, :cols]
     assert torch.equal(unpack_mask(mask, cols), expected_keep)
     if cols % 8:
         assert (mask[:, -1] >> (cols % 8)).eq(0).all()  # padding bits are 0

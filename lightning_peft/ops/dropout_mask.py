@@ -103,18 +103,19 @@ def draw_packed_keep_mask(rows: int, cols: int, p: float, rng: torch.Tensor) -> 
         if cols % 8:
             keep[:, -1] = (1 << (cols % 8)) - 1
         return keep
-    # Full int64 range: plain random_() leaves the sign bit 0.
-    bit_words = torch.empty((_INT16_BITS, n_words), dtype=torch.int64).random_(
+    # Below T's lowest set bit, lt stays 0 (lt & R = 0) whatever those bits of u are, so they
+    # are never drawn: p = 0.1 (T = 6554) needs 15 words per 64 elements, p = 0.5 only one.
+    lowest = (threshold & -threshold).bit_length() - 1
+    # Full int64 range: plain random_() leaves the sign bit 0. Row j holds bit (lowest + j).
+    bit_words = torch.empty((_INT16_BITS - lowest, n_words), dtype=torch.int64).random_(
         -(2**63), None, generator=_generator_for(rng)
     )
-    # Below T's lowest set bit, lt stays 0 (x & 0); start there.
-    lowest = (threshold & -threshold).bit_length() - 1
-    below = bit_words[lowest].clone()
-    for bit in range(lowest + 1, _INT16_BITS):
+    below = bit_words[0].clone()
+    for row, bit in enumerate(range(lowest + 1, _INT16_BITS), start=1):
         if (threshold >> bit) & 1:
-            below.bitwise_or_(bit_words[bit])
+            below.bitwise_or_(bit_words[row])
         else:
-            below.bitwise_and_(bit_words[bit])
+            below.bitwise_and_(bit_words[row])
     keep = below.bitwise_not_().view(torch.uint8)[:n_bytes].view(rows, bytes_per_row)
     if cols % 8:
         keep[:, -1] &= (1 << (cols % 8)) - 1  # padding bits past K are 0, like pack_mask's
