@@ -139,21 +139,14 @@ def pack_mask(keep: torch.Tensor) -> torch.Tensor:
     return ((eight_bytes * _GATHER_BYTES) >> 56).to(torch.uint8)
 
 
-def _unpack_to_bytes(mask: torch.Tensor, byte_value: int) -> torch.Tensor:
-    """``uint8 [N, B]`` packed bits -> ``int64 [N, B]`` words whose byte i is ``byte_value`` or 0 (bit i)."""
+def unpack_mask(mask: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: ``uint8 [N, ceil(K / 8)]`` -> ``bool [N, K]`` (a view when K % 8 == 0)."""
     words = mask.to(torch.int64) * _REPLICATE_BYTE  # byte i of each word = the packed byte
     words &= _SELECT_BIT_I_OF_BYTE_I  # byte i keeps only its bit i: 0 or 2**i
     words += _SEVEN_F  # byte i: bit 7 set iff bit i was set (no carries: max 0x80 + 0x7F)
     words >>= 7
-    words &= _REPLICATE_BYTE  # byte i: 0 or 1
-    if byte_value != 1:
-        words *= byte_value  # 0 or byte_value in every byte; no carries for byte_value <= 0xFF
-    return words
-
-
-def unpack_mask(mask: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`: ``uint8 [N, ceil(K / 8)]`` -> ``bool [N, K]`` (a view when K % 8 == 0)."""
-    keep = _unpack_to_bytes(mask, 1).view(torch.bool)
+    words &= _REPLICATE_BYTE
+    keep = words.view(torch.bool)
     return keep if keep.shape[1] == cols else keep[:, :cols]
 
 
@@ -164,7 +157,7 @@ _SELECT_BITS_DTYPE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.in
 
 
 def _select_bits_dtype(dtype: torch.dtype) -> torch.dtype:
-    return _SELECT_BITS_DTYPE[torch.empty((), dtype=dtype).element_size()]
+    return _SELECT_BITS_DTYPE[dtype.itemsize]
 
 
 _SELECT_BITS_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
