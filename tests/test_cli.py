@@ -121,3 +121,26 @@ def test_cli_works_without_the_peft_section(tmp_path, tiny_bert_dir, monkeypatch
     ckpt = load_ckpt(tmp_path / "runs" / "sst2_lora" / "checkpoints" / "last.ckpt")
     assert set(ckpt["state_dict"]) == set(ckpt["lightning_peft"]["adapter_keys"])
     assert torch.is_tensor(next(iter(ckpt["state_dict"].values())))
+
+
+# Parameter-name fragments that only the method's own trainable tensors carry (prefix and prompt
+# tuning keep peft's name for their table: prompt_encoder.embedding).
+METHOD_KEY_FRAGMENT = {"lora": ".lora_", "adapter": "adapter", "prefix": "prompt_encoder", "prompt": "prompt_encoder", "bitfit": ".bias"}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_KEY_FRAGMENT))
+def test_each_method_trains_from_its_own_example_config(method, tmp_path, tiny_bert_dir, monkeypatch):
+    """examples/configs/sst2_<method>.yaml runs through the CLI (tiny BERT in place of MiniLM) and
+    writes an adapter-only checkpoint holding that method's tensors plus the head."""
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "examples" / "configs" / f"sst2_{method}.yaml"
+    main([a if a != str(CONFIG) else str(config) for a in _fit_args(tiny_bert_dir)])
+    (last,) = tmp_path.glob("runs/*/checkpoints/last.ckpt")
+    ckpt = load_ckpt(last)
+    keys = set(ckpt["state_dict"])
+    assert keys == set(ckpt["lightning_peft"]["adapter_keys"]) and ckpt["global_step"] == 4
+    head = {k for k in keys if k.startswith(("model.classifier.", "model.bert.pooler."))}
+    own = keys - head
+    assert head and own, f"{method}: expected the head and the method's own tensors, got {sorted(keys)}"
+    assert all(METHOD_KEY_FRAGMENT[method] in k for k in own), sorted(own)
+    assert not any(k.endswith("word_embeddings.weight") or k.endswith("query.weight") for k in own)
