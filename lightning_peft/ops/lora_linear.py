@@ -180,7 +180,7 @@ def backward_pytorch(
     g2 = grad_y.reshape(-1, d)  # [N, D]
     # (hiddenᵀ g)ᵀ: the [r, N] x [N, D] orientation is ~3x faster on CPU BLAS than gᵀ hidden.
     grad_b = torch.mm(lora_hidden.t(), g2).t().mul_(scaling).contiguous()  # [D, r]
-    d_hidden = torch.mm(g2, lora_b).mul_(scaling * (_keep_scale(dropout_p) if dropout_p > 0.0 else 1.0))  # [N, r]
+    d_hidden = torch.mm(g2, lora_b).mul_(scaling * _keep_scale(dropout_p))  # [N, r]; keep scale is 1 at p = 0
     if dropout_p > 0.0:
         grad_x, grad_a = _dropout_backward(x2, g2, weight, lora_a, d_hidden, mask, compute_grad_x)
     else:
