@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -16,9 +17,21 @@ from lightning_peft.ops.dropout_mask import (
     unpack_mask,
     unpack_mask_as_select_bits,
 )
+from lightning_peft.ops.lora_linear import dropout_keep_mask
 
+# The module (the package's ops/__init__ re-exports the function of the same name).
+lora_linear_module = importlib.import_module("lightning_peft.ops.lora_linear")
 OP_FWD = torch.ops.lightning_peft.lora_linear_forward.default
 OP_BWD = torch.ops.lightning_peft.lora_linear_backward.default
+
+
+@pytest.fixture(params=["replay", "packed"])
+def mask_form(request, monkeypatch):
+    """Run a test with each of the PyTorch path's two mask forms: the CPU's replay key, and the
+    packed keep-bits that other devices (and the CUDA kernels) keep."""
+    replay = request.param == "replay"
+    monkeypatch.setattr(lora_linear_module, "_replays_mask_from_key", lambda device: replay)
+    return request.param
 
 
 def make_inputs(lead=(3, 5), k=19, d=13, r=4, dtype=torch.float64, bias=True, weight_transposed=False, seed=0):
@@ -44,7 +57,7 @@ def reference(x, weight, bias, a, b, scaling, keep, drop_p):
 @pytest.mark.parametrize("drop_p,training", [(0.0, True), (0.25, True), (0.25, False)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("weight_transposed", [False, True])
-def test_matches_float64_reference(drop_p, training, bias, weight_transposed):
+def test_matches_float64_reference(drop_p, training, bias, weight_transposed, mask_form):
     x, w, b, a, bb = make_inputs(bias=bias, weight_transposed=weight_transposed)
     x.requires_grad_(True)
     a.requires_grad_(True)
@@ -53,7 +66,8 @@ def test_matches_float64_reference(drop_p, training, bias, weight_transposed):
     y, hidden, mask = OP_FWD(x, w, b, a, bb, rng, 0.7, drop_p, training)
     active = training and drop_p > 0
     if active:
-        keep = unpack_mask(mask, x.shape[-1])
+        assert mask.dtype == (torch.int64 if mask_form == "replay" else torch.uint8)
+        keep = dropout_keep_mask(mask, x.shape[:-1].numel(), x.shape[-1], drop_p)
         p_eff = quantized_drop_probability(drop_p)
     else:
         assert mask.numel() == 0  # no mask work at p = 0 or in eval
@@ -68,7 +82,7 @@ def test_matches_float64_reference(drop_p, training, bias, weight_transposed):
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_gradcheck_float64_with_dropout():
+def test_gradcheck_float64_with_dropout(mask_form):
     x, w, b, a, bb = make_inputs(lead=(2, 3), k=10, d=7, r=3)
     w.requires_grad_(True)  # also the (rarely used) base-weight / bias gradients
     b.requires_grad_(True)
@@ -83,7 +97,7 @@ def test_gradcheck_float64_with_dropout():
 
 @pytest.mark.parametrize("drop_p,training", [(0.0, True), (0.3, True), (0.3, False)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_forward(drop_p, training, bias):
+def test_opcheck_forward(drop_p, training, bias, mask_form):
     x, w, b, a, bb = make_inputs(dtype=torch.float32, bias=bias)
     for t in (x, a, bb):
         t.requires_grad_(True)
@@ -92,7 +106,7 @@ def test_opcheck_forward(drop_p, training, bias):
 
 @pytest.mark.parametrize("drop_p", [0.0, 0.3])
 @pytest.mark.parametrize("compute_grad_x", [True, False])
-def test_opcheck_backward(drop_p, compute_grad_x):
+def test_opcheck_backward(drop_p, compute_grad_x, mask_form):
     x, w, b, a, bb = make_inputs(dtype=torch.float32)
     y, hidden, mask = OP_FWD(x, w, b, a, bb, torch.tensor([1, 2]), 0.5, drop_p, True)
     torch.library.opcheck(OP_BWD, (torch.randn_like(y), x, w, a, bb, hidden, mask, 0.5, drop_p, compute_grad_x))
@@ -135,38 +149,123 @@ def test_packed_draw_is_a_16_bit_threshold_compare(p, rows, cols):
         assert (mask[:, -1] >> (cols % 8)).eq(0).all()  # padding bits are 0
 
 
-def test_dropout_keep_rate_and_scaling():
+def _positions_from_scratch(numel, p, rng):
+    """Recompute the drop positions in plain Python floats from the same 31-bit draws: U = (v + 1) / 2^31,
+    gap = floor(ln U / ln(1 - q)) kept elements before each drop."""
+    from lightning_peft.ops.dropout_mask import _generator_for
+
+    q = quantized_drop_probability(p)
+    if q == 0.0:  # p < 2^-17 quantizes to "never drop"
+        return []
+    stream = torch.empty(numel + 64, dtype=torch.int32).random_(generator=_generator_for(rng)).tolist()
+    positions, next_pos = [], 0
+    for v in stream:
+        next_pos += math.floor(math.log((v + 1) / 2**31) / math.log1p(-q))
+        if next_pos >= numel:
+            return positions
+        positions.append(next_pos)
+        next_pos += 1
+    raise AssertionError("stream too short")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.05, 1 / 65536, 0.9, 1e-6])
+@pytest.mark.parametrize("numel", [1, 100, 5000])
+def test_drop_positions_are_geometric_gaps_of_the_keyed_stream(p, numel):
+    from lightning_peft.ops.dropout_mask import draw_drop_positions
+
+    rng = torch.tensor([5, 9])
+    positions = draw_drop_positions(numel, p, rng)
+    assert positions.dtype == torch.int64
+    assert positions.tolist() == _positions_from_scratch(numel, p, rng)
+
+
+def test_drop_positions_continue_the_stream_when_a_batch_falls_short(monkeypatch):
+    """Batches sized far too small (forced) give the same positions as one batch: the stream continues."""
+    import lightning_peft.ops.dropout_mask as dropout_mask
+
+    rng = torch.tensor([1, 2])
+    one_batch = dropout_mask.draw_drop_positions(20_000, 0.1, rng)
+    monkeypatch.setattr(dropout_mask, "_POSITION_BATCH_SIGMAS", -25.0)  # ~ a quarter of the drops per batch
+    monkeypatch.setattr(dropout_mask, "_POSITION_BATCH_EXTRA", 0)
+    assert torch.equal(dropout_mask.draw_drop_positions(20_000, 0.1, rng), one_batch)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_drop_positions_are_independent_bernoulli(p):
+    """Drop rate, and the rate of dropping both of two neighbours (along a row and along a column),
+    match q and q² within 5 sigma: no correlation between neighbouring elements."""
+    from lightning_peft.ops.dropout_mask import draw_drop_positions, keep_mask_from_positions
+
+    rows, cols = 1024, 1000
+    dropped = ~keep_mask_from_positions(draw_drop_positions(rows * cols, p, torch.tensor([42, 0])), rows, cols)
+    q = quantized_drop_probability(p)
+
+    def within_5_sigma(events, prob):
+        n = events.numel()
+        return abs(events.double().mean().item() - prob) < 5 * math.sqrt(prob * (1 - prob) / n)
+
+    assert within_5_sigma(dropped, q)
+    assert within_5_sigma(dropped[:, 1:] & dropped[:, :-1], q * q)
+    assert within_5_sigma(dropped[1:] & dropped[:-1], q * q)
+    assert within_5_sigma(dropped[:, 0], q)  # row starts are not special
+
+
+def test_drop_positions_edge_cases():
+    from lightning_peft.ops.dropout_mask import draw_drop_positions
+
+    assert draw_drop_positions(0, 0.5, torch.tensor([0, 0])).numel() == 0
+    assert draw_drop_positions(1000, 1e-7, torch.tensor([0, 0])).numel() == 0  # quantizes to "never drop"
+    nearly_all = draw_drop_positions(1000, 1 - 1e-7, torch.tensor([0, 0]))  # capped at 65535 / 65536
+    assert nearly_all.numel() >= 990 and torch.equal(nearly_all, nearly_all.unique())
+
+
+def test_dropout_keep_rate_and_scaling(mask_form):
     """Keep rate ≈ 1 - p (binomial 5-sigma bound) and kept values scaled so E[dropout(x)] = x."""
     p, n, k = 0.1, 4096, 256
-    keep = draw_keep_mask(n, k, p, torch.tensor([123, 0]))
-    rate = keep.float().mean().item()
-    sigma = math.sqrt(p * (1 - p) / (n * k))
-    assert abs(rate - (1 - p)) < 5 * sigma + abs(quantized_drop_probability(p) - p)
     # hidden = dropout(x) @ Aᵀ with A = identity rows: mean of dropout(ones) must be ~1.
     x = torch.ones(n, k)
     w = torch.zeros(1, k)
     a = torch.eye(k)[:4]
     b = torch.zeros(1, 4)
-    _, hidden, _ = OP_FWD(x, w, None, a, b, torch.tensor([7, 0]), 1.0, p, True)
+    _, hidden, mask = OP_FWD(x, w, None, a, b, torch.tensor([7, 0]), 1.0, p, True)
+    keep = dropout_keep_mask(mask, n, k, p)
+    rate = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / (n * k))
+    assert abs(rate - (1 - p)) < 5 * sigma + abs(quantized_drop_probability(p) - p)
     assert abs(hidden.mean().item() - 1.0) < 5 * math.sqrt(p / (1 - p) / hidden.numel())
+    # kept values of x = 1 are exactly the scale, dropped ones 0
+    expected_hidden = keep[:, :4].to(hidden.dtype) / (1 - quantized_drop_probability(p))
+    torch.testing.assert_close(hidden, expected_hidden)
 
 
-def test_same_key_same_mask_other_key_other_mask():
+def test_packed_draw_keep_rate():
+    p, n, k = 0.1, 4096, 256
+    keep = draw_keep_mask(n, k, p, torch.tensor([123, 0]))
+    sigma = math.sqrt(p * (1 - p) / (n * k))
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma + abs(quantized_drop_probability(p) - p)
+
+
+def _keep_mask_of_call(x, w, b, a, bb, key, p):
+    mask = OP_FWD(x, w, b, a, bb, torch.tensor(key), 1.0, p, True)[2]
+    return dropout_keep_mask(mask, x.shape[:-1].numel(), x.shape[-1], p)
+
+
+def test_same_key_same_mask_other_key_other_mask(mask_form):
     x, w, b, a, bb = make_inputs(dtype=torch.float32, lead=(64,), k=64)
-    masks = {key: OP_FWD(x, w, b, a, bb, torch.tensor(key), 1.0, 0.5, True)[2] for key in [(1, 0), (1, 1), (2, 0)]}
-    again = OP_FWD(x, w, b, a, bb, torch.tensor([1, 0]), 1.0, 0.5, True)[2]
+    masks = {key: _keep_mask_of_call(x, w, b, a, bb, key, 0.5) for key in [(1, 0), (1, 1), (2, 0)]}
+    again = _keep_mask_of_call(x, w, b, a, bb, (1, 0), 0.5)
     assert torch.equal(masks[(1, 0)], again)
     assert not torch.equal(masks[(1, 0)], masks[(1, 1)])
     assert not torch.equal(masks[(1, 0)], masks[(2, 0)])
 
 
-def test_global_rng_does_not_change_the_mask():
+def test_global_rng_does_not_change_the_mask(mask_form):
     """Masks depend on the (seed, offset) key alone, not on what else consumed the global RNG."""
     x, w, b, a, bb = make_inputs(dtype=torch.float32)
     torch.manual_seed(0)
-    first = OP_FWD(x, w, b, a, bb, torch.tensor([4, 4]), 1.0, 0.5, True)[2]
+    first = _keep_mask_of_call(x, w, b, a, bb, (4, 4), 0.5)
     torch.rand(1000)
-    second = OP_FWD(x, w, b, a, bb, torch.tensor([4, 4]), 1.0, 0.5, True)[2]
+    second = _keep_mask_of_call(x, w, b, a, bb, (4, 4), 0.5)
     assert torch.equal(first, second)
 
 
@@ -199,8 +298,9 @@ def test_select_bits_mask_like_where(dtype, k):
     assert torch.equal(in_place, expected)
 
 
-def test_saved_for_backward_is_x_plus_bits():
-    """Backward keeps x, the small [N, r] hidden and a 1-bit mask: no dropped-out copy of x, no byte mask."""
+def test_saved_for_backward_is_x_plus_key_or_bits(mask_form):
+    """Backward keeps x, the small [N, r] hidden and the mask's replay key (CPU) or 1-bit mask:
+    no dropped-out copy of x, no byte mask."""
     x, w, b, a, bb = make_inputs(dtype=torch.float32, lead=(32,), k=64, d=48, r=4)
     x.requires_grad_(True)
     a.requires_grad_(True)
@@ -211,14 +311,33 @@ def test_saved_for_backward_is_x_plus_bits():
         saved.append(t)
         return t
 
+    rng = torch.tensor([0, 0])
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=0.1, rng=torch.tensor([0, 0]), training=True)
+        lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=0.1, rng=rng, training=True)
     n, k = 32, 64
-    big = [t for t in saved if t.numel() >= n * k and t.data_ptr() != x.data_ptr()]
-    assert big == [] or all(t.data_ptr() in (w.data_ptr(),) for t in big)
-    masks = [t for t in saved if t.dtype == torch.uint8]
-    assert len(masks) == 1 and masks[0].numel() == n * k // 8
+    big = [t for t in saved if t.numel() >= n * k and t.data_ptr() not in (x.data_ptr(), w.data_ptr())]
+    assert big == []
     assert any(t.data_ptr() == x.data_ptr() for t in saved)
+    masks = [t for t in saved if t.dtype in (torch.uint8, torch.int64)]
+    assert len(masks) == 1
+    if mask_form == "replay":  # a copy of the key, not the layer's buffer (which advances in place)
+        assert torch.equal(masks[0], rng) and masks[0].data_ptr() != rng.data_ptr()
+    else:
+        assert masks[0].dtype == torch.uint8 and masks[0].numel() == n * k // 8
+
+
+def test_replayed_mask_survives_the_key_advancing():
+    """The layer advances its rng buffer in place after forward; backward must still use the forward's mask."""
+    x, w, b, a, bb = make_inputs(lead=(6,), k=24, d=5, r=3)
+    a.requires_grad_(True)
+    rng = torch.tensor([3, 0])
+    y = lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=0.4, rng=rng, training=True)
+    keep = dropout_keep_mask(torch.tensor([3, 0]), 6, 24, 0.4)
+    rng[1] += 1  # what advance_dropout_rng does before the next step
+    (grad_a,) = torch.autograd.grad(y.sum(), a)
+    ref = reference(x, w, b, a, bb, 1.0, keep, quantized_drop_probability(0.4))
+    (ref_grad_a,) = torch.autograd.grad(ref.sum(), a)
+    torch.testing.assert_close(grad_a, ref_grad_a, rtol=1e-12, atol=1e-12)
 
 
 def test_half_precision_inputs_run():

@@ -1,12 +1,20 @@
-"""Seeded dropout masks for the pure-PyTorch LoRA path, kept as 1 bit per element.
+"""Seeded dropout masks for the pure-PyTorch LoRA path: drawn sparse on CPU, 1 bit per element elsewhere.
 
 Why not ``torch.nn.functional.dropout``: it draws one float per element from the global
-generator (~5 ns/element on a CPU core) and keeps a byte per element for backward. Here every
-element gets a uniform 16-bit number from a *private* generator keyed by ``(seed, offset)``
-(~1 ns/element), so the same key always gives the same mask no matter what else consumed the
-global RNG; the mask comes out of the draw already packed, 8 elements per byte
-(:func:`draw_packed_keep_mask`), and is kept that way for backward. Masking itself is a bitwise
-AND with "select bits" (:func:`unpack_mask_as_select_bits`, :func:`apply_select_bits`).
+generator (~5 ns/element on a CPU core), writes a byte per element and keeps it for backward.
+Every mask here comes from a *private* generator keyed by ``(seed, offset)``, so the same key
+always gives the same mask no matter what else consumed the global RNG, and each element is
+dropped independently with probability ``quantized_drop_probability(p)`` (within 2^-17 of p).
+Two forms, same distribution:
+
+* **Drop positions** (:func:`draw_drop_positions`, the CPU path): the sorted flat indices of the
+  dropped elements, drawn as geometric gaps, so a draw costs O(p · numel) random numbers instead of
+  O(numel); masking is a copy plus ``index_fill_`` at those positions. Nothing is kept for
+  backward but the key: the positions are drawn again from it.
+* **Packed keep-bits** (:func:`draw_packed_keep_mask`, the layout the CUDA kernels produce): each
+  element gets a uniform 16-bit number, compared bit-serially 64 lanes per word, and the mask comes
+  out packed 8 elements per byte. Masking is a bitwise AND with "select bits"
+  (:func:`unpack_mask_as_select_bits`, :func:`apply_select_bits`).
 
 Bit layout (shared with the CUDA kernels): ``mask`` is ``uint8 [N, ceil(K / 8)]``; bit ``j``
 (least significant first) of byte ``b`` in row ``n`` is 1 when element ``(n, 8 * b + j)`` is kept.
@@ -14,11 +22,15 @@ Bit layout (shared with the CUDA kernels): ``mask`` is ``uint8 [N, ceil(K / 8)]`
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
     "quantized_drop_probability",
     "drop_threshold",
+    "draw_drop_positions",
+    "keep_mask_from_positions",
     "draw_keep_mask",
     "draw_packed_keep_mask",
     "pack_mask",
@@ -74,6 +86,57 @@ def _generator_for(rng: torch.Tensor) -> torch.Generator:
     # Mix so that neighbouring (seed, offset) pairs give unrelated generator seeds.
     mixed = (seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 63)
     return torch.Generator(device="cpu").manual_seed(mixed)
+
+
+# Uniform draws per batch of draw_drop_positions: the expected drop count plus this many standard
+# deviations (and a constant), so one batch nearly always covers all elements.
+_POSITION_BATCH_SIGMAS = 6.0
+_POSITION_BATCH_EXTRA = 16
+_INT31_LEVELS_LOG = 31 * math.log(2.0)
+
+
+def draw_drop_positions(numel: int, p: float, rng: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the dropped elements among ``numel``, each dropped independently with
+    probability ``q = quantized_drop_probability(p)``: ``int64 [n_dropped]``, sorted ascending.
+
+    How: the gap before the next drop is geometric, ``P(gap >= g) = (1 - q)^g``, and
+    ``gap = floor(log U / log(1 - q))`` for U uniform in (0, 1] is exactly that. U is
+    ``(v + 1) / 2^31`` for a 31-bit draw ``v`` of the keyed generator, and the gaps are summed in
+    float64 / int64, so the only departure from exact i.i.d. Bernoulli(q) drops is U's 2^-31 grid.
+    The cost is one random number per *drop* (~0.1 of an element at p = 0.1), not per element.
+
+    Args:
+        numel: number of elements (row-major flat index of the ``[N, K]`` input).
+        p: requested drop probability in [0, 1).
+        rng: ``int64 [2]`` tensor ``(seed, offset)``; same key, same positions.
+    """
+    q = quantized_drop_probability(p)
+    if numel == 0 or q == 0.0:
+        return torch.empty((0,), dtype=torch.int64)
+    log_keep = math.log1p(-q)
+    generator = _generator_for(rng)
+    batches, next_start = [], 0
+    while True:
+        expected = (numel - next_start) * q
+        count = max(1, int(expected + _POSITION_BATCH_SIGMAS * math.sqrt(expected)) + _POSITION_BATCH_EXTRA)
+        draws = torch.empty((count,), dtype=torch.int32).random_(generator=generator)  # v in [0, 2^31)
+        log_u = torch.log(draws.to(torch.float64).add_(1.0)).sub_(_INT31_LEVELS_LOG)  # log U, U in (0, 1]
+        steps = log_u.div_(log_keep).floor_().to(torch.int64).add_(1)  # gap + 1 >= 1
+        steps[0] += next_start
+        positions = steps.cumsum_(0).sub_(1)
+        inside = int(torch.searchsorted(positions, numel))
+        batches.append(positions[:inside])
+        if inside < count:  # the last drop of this batch already lies past the end
+            break
+        next_start = int(positions[-1]) + 1  # rare: the batch ended early; the stream continues
+    return batches[0] if len(batches) == 1 else torch.cat(batches)
+
+
+def keep_mask_from_positions(positions: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``bool [rows, cols]``: False at the flat ``positions`` of :func:`draw_drop_positions`, True elsewhere."""
+    keep = torch.ones(rows * cols, dtype=torch.bool, device=positions.device)
+    keep[positions] = False
+    return keep.view(rows, cols)
 
 
 def draw_packed_keep_mask(rows: int, cols: int, p: float, rng: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,15 @@ Shapes (N = product of x's leading dims, K = in features, D = out features, r = 
     x ``[*, K]``, weight ``[D, K]`` (any strides, e.g. a transposed GPT-2 Conv1D weight),
     bias ``[D]`` or None, lora_a ``[r, K]``, lora_b ``[D, r]``, rng ``int64 [2]`` = (seed, offset),
     y ``[*, D]``, lora_hidden ``[N, r]`` = dropout(x) Aᵀ (already divided by the keep probability),
-    mask ``uint8 [N, ceil(K/8)]`` packed keep-bits (``[0]`` when dropout is off),
+    mask: what backward needs to rebuild the dropout mask (``[0]`` when dropout is off), either
+      * ``int64 [2]``, the replay key, i.e. a copy of ``rng`` (CPU tensors: the positions of the
+        dropped elements are drawn again from it in backward, see ``dropout_mask``), or
+      * ``uint8 [N, ceil(K/8)]`` packed keep-bits (other devices, and the CUDA kernels),
     grad_x ``[*, K]`` (``[0]`` when ``compute_grad_x`` is False), grad_a ``[r, K]``, grad_b ``[D, r]``.
 
 What is kept for backward is x (which the frozen base linear would not need), the small
-``lora_hidden`` and the packed mask: never the dropped-out copy of x, never a byte per element.
-Gradients of the frozen ``weight`` / ``bias`` are computed only when they require grad.
+``lora_hidden`` and the mask's key or bits: never the dropped-out copy of x, never a byte per
+element. Gradients of the frozen ``weight`` / ``bias`` are computed only when they require grad.
 """
 
 from __future__ import annotations
@@ -35,13 +38,23 @@ from torch import Tensor
 
 from lightning_peft.ops.dropout_mask import (
     apply_select_bits,
+    draw_drop_positions,
     draw_packed_keep_mask,
+    keep_mask_from_positions,
     mask_bytes_per_row,
     quantized_drop_probability,
+    unpack_mask,
     unpack_mask_as_select_bits,
 )
 
-__all__ = ["lora_linear", "lora_linear_forward", "lora_linear_backward", "forward_pytorch", "backward_pytorch"]
+__all__ = [
+    "lora_linear",
+    "lora_linear_forward",
+    "lora_linear_backward",
+    "forward_pytorch",
+    "backward_pytorch",
+    "dropout_keep_mask",
+]
 
 
 def _dropout_active(dropout_p: float, training: bool) -> bool:
@@ -65,43 +78,100 @@ def _check_inputs(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, rng
     torch._check(0.0 <= dropout_p < 1.0, lambda: f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _replays_mask_from_key(device: torch.device) -> bool:
+    """Whether the PyTorch path on ``device`` keeps the replay key (True) or packed keep-bits.
+
+    CPU: drawing the drop positions again in backward costs less than unpacking and applying a
+    bit mask (the draw is O(p · numel)), and nothing but the key is kept. Other devices keep the
+    packed bits, the layout the CUDA kernels produce, so either CUDA backward accepts either CUDA
+    forward's mask.
+    """
+    return device.type == "cpu"
+
+
+def _mask_is_replay_key(mask: Tensor) -> bool:
+    return mask.dtype == torch.int64
+
+
+def _zero_at_(values: Tensor, positions: Tensor) -> Tensor:
+    """Set the flat ``positions`` of the contiguous ``values [N, K]`` to 0, in place.
+
+    A copy plus ``index_fill_`` touches memory about as often as the copy alone: cheaper than a
+    full masking pass (dropped NaN / inf become exactly 0, as with ``torch.where``).
+    """
+    values.view(-1).index_fill_(0, positions, 0)
+    return values
+
+
 def _dropout_hidden(x2: Tensor, lora_a: Tensor, dropout_p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
-    """``dropout(x2) Aᵀ`` (scaled by 1 / keep probability) and the packed keep mask.
+    """``dropout(x2) Aᵀ`` (scaled by 1 / keep probability) and what backward needs to rebuild the mask.
 
     Args:
         x2: ``[N, K]``; lora_a: ``[r, K]``; rng: ``int64 [2]`` (seed, offset).
 
     Returns:
-        hidden ``[N, r]`` and mask ``uint8 [N, ceil(K / 8)]``.
+        hidden ``[N, r]`` and mask: the replay key ``int64 [2]`` (CPU) or ``uint8 [N, ceil(K / 8)]``.
     """
     n, k = x2.shape
-    mask = draw_packed_keep_mask(n, k, dropout_p, rng).to(x2.device)  # [N, ceil(K/8)] uint8
-    select_bits = unpack_mask_as_select_bits(mask, k, x2.dtype)  # [N, K], transient
-    x_kept = apply_select_bits(x2, select_bits, out=select_bits.view(x2.dtype))  # reuses the select bits' memory
+    if _replays_mask_from_key(x2.device):
+        positions = draw_drop_positions(n * k, dropout_p, rng)
+        x_kept = _zero_at_(x2.clone(memory_format=torch.contiguous_format), positions)
+        # A copy of the key: the layer advances its rng buffer in place before the next step.
+        mask = rng.to(device="cpu", copy=True)
+    else:
+        mask = draw_packed_keep_mask(n, k, dropout_p, rng).to(x2.device)  # [N, ceil(K/8)] uint8
+        select_bits = unpack_mask_as_select_bits(mask, k, x2.dtype)  # [N, K], transient
+        x_kept = apply_select_bits(x2, select_bits, out=select_bits.view(x2.dtype))  # reuses the select bits' memory
     hidden = torch.mm(x_kept, lora_a.t())
     return hidden.mul_(_keep_scale(dropout_p)), mask  # scale the small [N, r] tensor, not x
 
 
 def _dropout_backward(
-    x2: Tensor, g2: Tensor, weight: Tensor, lora_a: Tensor, d_hidden: Tensor, mask: Tensor, compute_grad_x: bool
+    x2: Tensor,
+    g2: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    d_hidden: Tensor,
+    mask: Tensor,
+    dropout_p: float,
+    compute_grad_x: bool,
 ) -> tuple[Optional[Tensor], Tensor]:
     """grad_a ``[r, K]`` = d_hiddenᵀ (x2 ⊙ keep) and grad_x ``[N, K]`` = g2 W + keep ⊙ (d_hidden A).
 
     Args:
         x2: ``[N, K]``; g2: ``[N, D]``; weight: ``[D, K]``; lora_a: ``[r, K]``;
-        d_hidden: ``[N, r]`` (scaling and 1 / keep probability applied); mask: packed ``[N, ceil(K/8)]``.
+        d_hidden: ``[N, r]`` (scaling and 1 / keep probability applied);
+        mask: the forward's replay key ``int64 [2]`` or packed bits ``uint8 [N, ceil(K/8)]``.
     """
-    k = x2.shape[1]
+    n, k = x2.shape
+    if _mask_is_replay_key(mask):
+        positions = draw_drop_positions(n * k, dropout_p, mask).to(x2.device)
+        x_kept = _zero_at_(x2.clone(memory_format=torch.contiguous_format), positions)
+        grad_a = torch.mm(d_hidden.t(), x_kept)
+        if not compute_grad_x:
+            return None, grad_a
+        # LoRA part first (in x_kept's memory), then the base GEMM accumulates onto it (beta = 1
+        # inside the GEMM) instead of a separate read-modify-write pass.
+        grad_x = _zero_at_(torch.mm(d_hidden, lora_a, out=x_kept), positions)
+        return grad_x.addmm_(g2, weight), grad_a
     select_bits = unpack_mask_as_select_bits(mask, k, x2.dtype)  # [N, K], transient
     x_kept = apply_select_bits(x2, select_bits)
     grad_a = torch.mm(d_hidden.t(), x_kept)
     if not compute_grad_x:
         return None, grad_a
-    # LoRA part first (masked in place, in x_kept's memory), then the base GEMM accumulates onto
-    # it (beta = 1 inside the GEMM) instead of a separate read-modify-write pass.
-    grad_x = torch.mm(d_hidden, lora_a, out=x_kept)
+    grad_x = torch.mm(d_hidden, lora_a, out=x_kept)  # LoRA part first, as above
     apply_select_bits(grad_x, select_bits, out=grad_x)
     return grad_x.addmm_(g2, weight), grad_a
+
+
+def dropout_keep_mask(mask: Tensor, rows: int, cols: int, dropout_p: float) -> Tensor:
+    """The keep mask ``bool [rows, cols]`` behind a forward's ``mask`` output (either form).
+
+    For inspection and tests: the LoRA path never materialises this.
+    """
+    if _mask_is_replay_key(mask):
+        return keep_mask_from_positions(draw_drop_positions(rows * cols, dropout_p, mask), rows, cols)
+    return unpack_mask(mask, cols)
 
 
 def forward_pytorch(
@@ -155,7 +225,9 @@ def _lora_linear_forward_fake(x, weight, bias, lora_a, lora_b, rng, scaling, dro
     n = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], d))
     hidden = x.new_empty((n, r))
-    if _dropout_active(dropout_p, training):
+    if _dropout_active(dropout_p, training) and _replays_mask_from_key(x.device):
+        mask = rng.new_empty((2,), device="cpu")
+    elif _dropout_active(dropout_p, training):
         mask = x.new_empty((n, mask_bytes_per_row(k)), dtype=torch.uint8)
     else:
         mask = x.new_empty((0,), dtype=torch.uint8)
@@ -182,7 +254,7 @@ def backward_pytorch(
     grad_b = torch.mm(lora_hidden.t(), g2).t().mul_(scaling).contiguous()  # [D, r]
     d_hidden = torch.mm(g2, lora_b).mul_(scaling * _keep_scale(dropout_p))  # [N, r]; keep scale is 1 at p = 0
     if dropout_p > 0.0:
-        grad_x, grad_a = _dropout_backward(x2, g2, weight, lora_a, d_hidden, mask, compute_grad_x)
+        grad_x, grad_a = _dropout_backward(x2, g2, weight, lora_a, d_hidden, mask, dropout_p, compute_grad_x)
     else:
         grad_a = torch.mm(d_hidden.t(), x2)  # [r, K]
         if compute_grad_x:
