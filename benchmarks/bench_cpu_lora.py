@@ -176,11 +176,13 @@ def serve(name: str) -> None:
         cmd = line.strip()
         if cmd == "step":
             zero()
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             busy0, own0, t = _system_busy_s(), time.process_time(), time.perf_counter()
             loss = step()
             wall, own, busy = time.perf_counter() - t, time.process_time() - own0, _system_busy_s() - busy0
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
             print("STEP " + json.dumps({"wall_s": wall, "cpu_s": own, "other_cores": max(0.0, busy - own) / wall,
-                                        "loss": loss}), flush=True)
+                                        "minor_faults": faults, "loss": loss}), flush=True)
         elif cmd == "done":
             zero()
             print("DONE " + json.dumps({"peak_rss_mib": _max_rss_mib(), "rss_at_end_mib": _current_rss_mib(),
@@ -345,6 +347,7 @@ def run_group(group: list[str], rnd: int, args, log) -> dict[str, dict]:
                 "steps": steps[name],
                 "median_step_s": statistics.median(s["wall_s"] for s in timed),
                 "median_cpu_step_s": statistics.median(s["cpu_s"] for s in timed),
+                "median_minor_faults": statistics.median(s["minor_faults"] for s in timed),
                 "other_cores": statistics.median(s["other_cores"] for s in timed),
                 "max_other_cores_step": max(s["other_cores"] for s in timed),
                 "redone_steps": sum(s["tries"] - 1 for s in timed),
@@ -377,6 +380,7 @@ def aggregate(runs: list[dict], configs: list[str]) -> dict[str, dict]:
         a = {
             "median_step_s": statistics.median(r["median_step_s"] for r in ok),
             "median_cpu_step_s": statistics.median(r["median_cpu_step_s"] for r in ok),
+            "median_minor_faults": statistics.median(r["median_minor_faults"] for r in ok),
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in ok),
             "run_medians_s": [r["median_step_s"] for r in ok],
             "first_loss": ok[0]["first_loss"],
@@ -457,7 +461,8 @@ def evaluate_targets(agg: dict[str, dict]) -> list[dict]:
 
 def fmt_table(rows: list[dict], max_other_cores: float = 0.15) -> str:
     head = ("| config | median step (s) | x floor | x peft (same config) | peak RSS (MiB) | RSS above floor (MiB) "
-            "| per-run medians (s) | CPU s/step | CPU x floor | CPU x peft | other procs' cores (worst run) "
+            "| per-run medians (s) | CPU s/step | CPU x floor | CPU x peft | page faults/step "
+            "| other procs' cores (worst run) "
             "| trainable params | emb. output grad | first loss |")
     ncol = head.count("|") - 1
     lines = [head, "|" + "|".join(["---"] * ncol) + "|"]
@@ -473,7 +478,8 @@ def fmt_table(rows: list[dict], max_other_cores: float = 0.15) -> str:
         lines.append(
             f"| {r['label']} | {r['median_step_s']:.3f} | {f('vs_floor')} | {f('vs_peft')} | {r['peak_rss_mib']:.0f} "
             f"| {f('rss_above_floor_mib', '+.0f')} | {', '.join(f'{x:.3f}' for x in r['run_medians_s'])} "
-            f"| {r['median_cpu_step_s']:.3f} | {f('cpu_vs_floor')} | {f('cpu_vs_peft')} | {other} "
+            f"| {r['median_cpu_step_s']:.3f} | {f('cpu_vs_floor')} | {f('cpu_vs_peft')} "
+            f"| {r['median_minor_faults']:,.0f} | {other} "
             f"| {r['trainable_params']:,} | {'yes' if r['emb_output_requires_grad'] else 'no'} | {r['first_loss']:.4f} |")
     return "\n".join(lines)
 
@@ -540,7 +546,8 @@ def write_results(prefix: Path, env: dict, command: str, args, rows, targets, ru
         "grads cleared with `zero_grad(set_to_none=True)` outside the timed region. "
         "Floor = the same model fully frozen with `enable_input_require_grads()`. "
         "Each configuration runs in its own process; every process imports torch, transformers, peft and "
-        "lightning_peft, so import memory is the same for all. Peak RSS = the child's `ru_maxrss`.",
+        "lightning_peft, so import memory is the same for all. Peak RSS = the child's `ru_maxrss`; 'page faults/step' = median minor page faults "
+        "(`ru_minflt`) of a timed step: memory the step touched that the OS had to map in (again).",
         "",
         "Method: for each (targets, dropout) setting the floor, peft and ours processes live together and take turns "
         "step by step (rotating order, one computing at a time), so machine drift hits the three alike; each ratio "
