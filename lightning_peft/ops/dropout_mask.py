@@ -120,10 +120,12 @@ def draw_drop_positions(numel: int, p: float, rng: torch.Tensor) -> torch.Tensor
         expected = (numel - next_start) * q
         count = max(1, int(expected + _POSITION_BATCH_SIGMAS * math.sqrt(expected)) + _POSITION_BATCH_EXTRA)
         draws = torch.empty((count,), dtype=torch.int32).random_(generator=generator)  # v in [0, 2^31)
-        log_u = torch.log(draws.to(torch.float64).add_(1.0)).sub_(_INT31_LEVELS_LOG)  # log U, U in (0, 1]
-        steps = log_u.div_(log_keep).floor_().to(torch.int64).add_(1)  # gap + 1 >= 1
-        steps[0] += next_start
-        positions = steps.cumsum_(0).sub_(1)
+        log_u = torch.log1p(draws.to(torch.float64)).sub_(_INT31_LEVELS_LOG)  # ln U = ln(v + 1) - 31 ln 2
+        # ln U / ln(1 - q) >= 0, so the truncating cast is the floor. Steps are gap + 1, and the
+        # first one also carries the start (minus one), so the running sum is the positions.
+        steps = log_u.div_(log_keep).to(torch.int64).add_(1)
+        steps[0] += next_start - 1
+        positions = steps.cumsum_(0)
         inside = int(torch.searchsorted(positions, numel))
         batches.append(positions[:inside])
         if inside < count:  # the last drop of this batch already lies past the end
