@@ -103,7 +103,7 @@ def draw_drop_positions(numel: int, p: float, rng: torch.Tensor) -> torch.Tensor
     ``gap = floor(log U / log(1 - q))`` for U uniform in (0, 1] is exactly that. U is
     ``(v + 1) / 2^31`` for a 31-bit draw ``v`` of the keyed generator, and the gaps are summed in
     float64 / int64, so the only departure from exact i.i.d. Bernoulli(q) drops is U's 2^-31 grid.
-    The cost is one random number per *drop* (~0.1 of an element at p = 0.1), not per element.
+    The cost is one random number per *drop* (0.1 per element at p = 0.1), not one per element.
 
     Args:
         numel: number of elements (row-major flat index of the ``[N, K]`` input).
