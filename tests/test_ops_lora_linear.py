@@ -25,12 +25,12 @@ OP_FWD = torch.ops.lightning_peft.lora_linear_forward.default
 OP_BWD = torch.ops.lightning_peft.lora_linear_backward.default
 
 
-@pytest.fixture(params=["replay", "packed"])
+@pytest.fixture(params=["positions", "packed"])
 def mask_form(request, monkeypatch):
-    """Run a test with each of the PyTorch path's two mask forms: the CPU's replay key, and the
+    """Run a test with each of the PyTorch path's two mask forms: the CPU's drop positions, and the
     packed keep-bits that other devices (and the CUDA kernels) keep."""
-    replay = request.param == "replay"
-    monkeypatch.setattr(lora_linear_module, "_replays_mask_from_key", lambda device: replay)
+    replay = request.param == "positions"
+    monkeypatch.setattr(lora_linear_module, "_uses_drop_positions", lambda device: replay)
     return request.param
 
 
@@ -66,7 +66,7 @@ def test_matches_float64_reference(drop_p, training, bias, weight_transposed, ma
     y, hidden, mask = OP_FWD(x, w, b, a, bb, rng, 0.7, drop_p, training)
     active = training and drop_p > 0
     if active:
-        assert mask.dtype == (torch.int64 if mask_form == "replay" else torch.uint8)
+        assert mask.dtype == torch.uint8 and mask.dim() == (1 if mask_form == "positions" else 2)
         keep = dropout_keep_mask(mask, x.shape[:-1].numel(), x.shape[-1], drop_p)
         p_eff = quantized_drop_probability(drop_p)
     else:
@@ -298,9 +298,9 @@ def test_select_bits_mask_like_where(dtype, k):
     assert torch.equal(in_place, expected)
 
 
-def test_saved_for_backward_is_x_plus_key_or_bits(mask_form):
-    """Backward keeps x, the small [N, r] hidden and the mask's replay key (CPU) or 1-bit mask:
-    no dropped-out copy of x, no byte mask."""
+def test_saved_for_backward_is_x_plus_at_most_a_bit_per_element(mask_form):
+    """Backward keeps x, the small [N, r] hidden and the mask in at most 1 bit per element
+    (encoded drop positions on CPU, packed bits elsewhere): no dropped-out copy of x, no byte mask."""
     x, w, b, a, bb = make_inputs(dtype=torch.float32, lead=(32,), k=64, d=48, r=4)
     x.requires_grad_(True)
     a.requires_grad_(True)
@@ -311,31 +311,56 @@ def test_saved_for_backward_is_x_plus_key_or_bits(mask_form):
         saved.append(t)
         return t
 
-    rng = torch.tensor([0, 0])
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=0.1, rng=rng, training=True)
+        lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=0.1, rng=torch.tensor([0, 0]), training=True)
     n, k = 32, 64
     big = [t for t in saved if t.numel() >= n * k and t.data_ptr() not in (x.data_ptr(), w.data_ptr())]
     assert big == []
     assert any(t.data_ptr() == x.data_ptr() for t in saved)
-    masks = [t for t in saved if t.dtype in (torch.uint8, torch.int64)]
+    masks = [t for t in saved if t.dtype == torch.uint8]
     assert len(masks) == 1
-    if mask_form == "replay":  # a copy of the key, not the layer's buffer (which advances in place)
-        assert torch.equal(masks[0], rng) and masks[0].data_ptr() != rng.data_ptr()
+    if mask_form == "positions":
+        assert masks[0].dim() == 1 and masks[0].numel() <= 1 + n * k // 8
     else:
-        assert masks[0].dtype == torch.uint8 and masks[0].numel() == n * k // 8
+        assert masks[0].shape == (n, k // 8)
 
 
-def test_replayed_mask_survives_the_key_advancing():
+@pytest.mark.parametrize(
+    "p, numel, form",
+    [
+        (0.1, 100_000, "uint8"),  # distances fit a byte (the largest of ~10^4 is ~100)
+        (0.01, 100_000, "int16"),  # some distances pass 255
+        (0.3, 100_000, "key"),  # a byte per drop would be 2.4 bits per element
+        (1e-5, 10_000_000, "key"),  # distances can pass 32767
+        (1e-7, 1000, "uint8"),  # nothing dropped: an empty list of distances
+    ],
+)
+def test_drop_positions_encode_in_at_most_a_bit_per_element(p, numel, form):
+    from lightning_peft.ops.dropout_mask import decode_drop_positions, draw_drop_positions, encode_drop_positions
+
+    rng = torch.tensor([8, 1])
+    positions = draw_drop_positions(numel, p, rng)
+    encoded = encode_drop_positions(positions, numel, rng)
+    assert encoded.dtype == torch.uint8 and encoded.dim() == 1
+    assert {0: "key", 1: "uint8", 2: "int16"}[int(encoded[0])] == form
+    assert (encoded.numel() - 1) * 8 <= max(numel, 128)  # at most 1 bit per element (or the 16-byte key)
+    rng += 1  # the layer's buffer advances in place: the encoded mask must not depend on it
+    assert torch.equal(decode_drop_positions(encoded, numel, p), positions)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4])  # distances kept as bytes / the key kept and drawn again
+def test_backward_uses_the_forwards_mask_after_the_key_advances(p):
     """The layer advances its rng buffer in place after forward; backward must still use the forward's mask."""
+    from lightning_peft.ops.dropout_mask import draw_drop_positions, keep_mask_from_positions
+
     x, w, b, a, bb = make_inputs(lead=(6,), k=24, d=5, r=3)
     a.requires_grad_(True)
     rng = torch.tensor([3, 0])
-    y = lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=0.4, rng=rng, training=True)
-    keep = dropout_keep_mask(torch.tensor([3, 0]), 6, 24, 0.4)
+    y = lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=p, rng=rng, training=True)
+    keep = keep_mask_from_positions(draw_drop_positions(6 * 24, p, torch.tensor([3, 0])), 6, 24)
     rng[1] += 1  # what advance_dropout_rng does before the next step
     (grad_a,) = torch.autograd.grad(y.sum(), a)
-    ref = reference(x, w, b, a, bb, 1.0, keep, quantized_drop_probability(0.4))
+    ref = reference(x, w, b, a, bb, 1.0, keep, quantized_drop_probability(p))
     (ref_grad_a,) = torch.autograd.grad(ref.sum(), a)
     torch.testing.assert_close(grad_a, ref_grad_a, rtol=1e-12, atol=1e-12)
 

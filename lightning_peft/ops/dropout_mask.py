@@ -9,8 +9,9 @@ Two forms, same distribution:
 
 * **Drop positions** (:func:`draw_drop_positions`, the CPU path): the sorted flat indices of the
   dropped elements, drawn as geometric gaps, so a draw costs O(p · numel) random numbers instead of
-  O(numel); masking is a copy plus ``index_fill_`` at those positions. Nothing is kept for
-  backward but the key: the positions are drawn again from it.
+  O(numel); masking is a copy plus ``index_fill_`` at those positions. Backward keeps them as the
+  distances between drops, 8 or 16 bits per drop, or, where that would cost more than one bit per
+  element, just the key to draw them again (:func:`encode_drop_positions`).
 * **Packed keep-bits** (:func:`draw_packed_keep_mask`, the layout the CUDA kernels produce): each
   element gets a uniform 16-bit number, compared bit-serially 64 lanes per word, and the mask comes
   out packed 8 elements per byte. Masking is a bitwise AND with "select bits"
@@ -30,6 +31,8 @@ __all__ = [
     "quantized_drop_probability",
     "drop_threshold",
     "draw_drop_positions",
+    "encode_drop_positions",
+    "decode_drop_positions",
     "keep_mask_from_positions",
     "draw_keep_mask",
     "draw_packed_keep_mask",
@@ -132,6 +135,49 @@ def draw_drop_positions(numel: int, p: float, rng: torch.Tensor) -> torch.Tensor
             break
         next_start = int(positions[-1]) + 1  # rare: the batch ended early; the stream continues
     return batches[0] if len(batches) == 1 else torch.cat(batches)
+
+
+# First byte of an encoded drop-position mask: how the rest is to be read.
+_REPLAY_KEY, _STEPS_UINT8, _STEPS_INT16 = 0, 1, 2
+_STEP_DTYPES = {_STEPS_UINT8: torch.uint8, _STEPS_INT16: torch.int16}
+
+
+def encode_drop_positions(positions: torch.Tensor, numel: int, rng: torch.Tensor) -> torch.Tensor:
+    """What backward keeps of a drop-position mask: ``uint8 [1 + payload]``, never more than 1 bit per element.
+
+    The first byte says what follows: the distances between consecutive drops as ``uint8`` or
+    ``int16`` (8 or 16 bits per *drop*; 0.8 bits per element at p = 0.1), when every distance fits
+    and that costs at most one bit per element; otherwise the 16 bytes of the ``(seed, offset)`` key,
+    and backward draws the positions again (drops too dense for 1 bit each, or too sparse for int16
+    distances, where drawing again is cheap).
+
+    Args:
+        positions: ``int64 [n_dropped]`` from :func:`draw_drop_positions` with key ``rng``.
+        numel: the number of elements the positions index.
+        rng: ``int64 [2]`` key the positions were drawn from.
+    """
+    n_dropped = positions.numel()
+    steps = torch.diff(positions, prepend=positions.new_full((1,), -1))  # >= 1
+    max_step = int(steps.max()) if n_dropped else 0
+    for tag, bits, limit in ((_STEPS_UINT8, 8, 255), (_STEPS_INT16, 16, 32767)):
+        if n_dropped * bits <= numel and max_step <= limit:
+            payload = steps.to(_STEP_DTYPES[tag]).view(torch.uint8)
+            break
+    else:
+        tag, payload = _REPLAY_KEY, rng.to(device="cpu", dtype=torch.int64, copy=True).view(torch.uint8)
+    encoded = torch.empty((1 + payload.numel(),), dtype=torch.uint8)
+    encoded[0] = tag
+    encoded[1:] = payload
+    return encoded
+
+
+def decode_drop_positions(encoded: torch.Tensor, numel: int, p: float) -> torch.Tensor:
+    """Inverse of :func:`encode_drop_positions`: the sorted ``int64`` drop positions."""
+    tag = int(encoded[0])
+    payload = encoded[1:].clone()  # aligned for the view below
+    if tag == _REPLAY_KEY:
+        return draw_drop_positions(numel, p, payload.view(torch.int64))
+    return payload.view(_STEP_DTYPES[tag]).to(torch.int64).cumsum_(0).sub_(1)
 
 
 def keep_mask_from_positions(positions: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -18,14 +18,14 @@ Shapes (N = product of x's leading dims, K = in features, D = out features, r = 
     bias ``[D]`` or None, lora_a ``[r, K]``, lora_b ``[D, r]``, rng ``int64 [2]`` = (seed, offset),
     y ``[*, D]``, lora_hidden ``[N, r]`` = dropout(x) Aᵀ (already divided by the keep probability),
     mask: what backward needs to rebuild the dropout mask (``[0]`` when dropout is off), either
-      * ``int64 [2]``, the replay key, i.e. a copy of ``rng`` (CPU tensors: the positions of the
-        dropped elements are drawn again from it in backward, see ``dropout_mask``), or
+      * ``uint8 [M]`` (1-D, M data-dependent) encoded drop positions: distances between drops, or
+        the key to draw them again, never more than 1 bit per element (CPU tensors; see
+        ``dropout_mask.encode_drop_positions``), or
       * ``uint8 [N, ceil(K/8)]`` packed keep-bits (other devices, and the CUDA kernels),
     grad_x ``[*, K]`` (``[0]`` when ``compute_grad_x`` is False), grad_a ``[r, K]``, grad_b ``[D, r]``.
 
 What is kept for backward is x (which the frozen base linear would not need), the small
-``lora_hidden`` and the mask's key or bits: never the dropped-out copy of x, never a byte per
-element. Gradients of the frozen ``weight`` / ``bias`` are computed only when they require grad.
+``lora_hidden`` and the mask in at most 1 bit per element: never the dropped-out copy of x. Gradients of the frozen ``weight`` / ``bias`` are computed only when they require grad.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from torch import Tensor
 
 from lightning_peft.ops.dropout_mask import (
     apply_select_bits,
+    decode_drop_positions,
     draw_drop_positions,
     draw_packed_keep_mask,
+    encode_drop_positions,
     keep_mask_from_positions,
     mask_bytes_per_row,
     quantized_drop_probability,
@@ -78,19 +80,19 @@ def _check_inputs(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, rng
     torch._check(0.0 <= dropout_p < 1.0, lambda: f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _replays_mask_from_key(device: torch.device) -> bool:
-    """Whether the PyTorch path on ``device`` keeps the replay key (True) or packed keep-bits.
+def _uses_drop_positions(device: torch.device) -> bool:
+    """Whether the PyTorch path on ``device`` draws drop positions (True) or packed keep-bits.
 
-    CPU: drawing the drop positions again in backward costs less than unpacking and applying a
-    bit mask (the draw is O(p · numel)), and nothing but the key is kept. Other devices keep the
-    packed bits, the layout the CUDA kernels produce, so either CUDA backward accepts either CUDA
+    CPU: drawing positions is O(p · numel) and masking is a copy plus ``index_fill_``, cheaper
+    than a draw per element plus unpacking and applying a bit mask. Other devices keep the packed
+    bits, the layout the CUDA kernels produce, so either CUDA backward accepts either CUDA
     forward's mask.
     """
     return device.type == "cpu"
 
 
-def _mask_is_replay_key(mask: Tensor) -> bool:
-    return mask.dtype == torch.int64
+def _mask_holds_drop_positions(mask: Tensor) -> bool:
+    return mask.dim() == 1  # packed keep-bits are [N, ceil(K/8)]
 
 
 def _zero_at_(values: Tensor, positions: Tensor) -> Tensor:
@@ -110,14 +112,14 @@ def _dropout_hidden(x2: Tensor, lora_a: Tensor, dropout_p: float, rng: Tensor) -
         x2: ``[N, K]``; lora_a: ``[r, K]``; rng: ``int64 [2]`` (seed, offset).
 
     Returns:
-        hidden ``[N, r]`` and mask: the replay key ``int64 [2]`` (CPU) or ``uint8 [N, ceil(K / 8)]``.
+        hidden ``[N, r]`` and mask: encoded drop positions ``uint8 [M]`` (CPU) or ``uint8 [N, ceil(K / 8)]``.
     """
     n, k = x2.shape
-    if _replays_mask_from_key(x2.device):
+    if _uses_drop_positions(x2.device):
         positions = draw_drop_positions(n * k, dropout_p, rng)
         x_kept = _zero_at_(x2.clone(memory_format=torch.contiguous_format), positions)
-        # A copy of the key: the layer advances its rng buffer in place before the next step.
-        mask = rng.to(device="cpu", copy=True)
+        # Copies, never the rng buffer itself: the layer advances it in place before the next step.
+        mask = encode_drop_positions(positions, n * k, rng)
     else:
         mask = draw_packed_keep_mask(n, k, dropout_p, rng).to(x2.device)  # [N, ceil(K/8)] uint8
         select_bits = unpack_mask_as_select_bits(mask, k, x2.dtype)  # [N, K], transient
@@ -141,11 +143,11 @@ def _dropout_backward(
     Args:
         x2: ``[N, K]``; g2: ``[N, D]``; weight: ``[D, K]``; lora_a: ``[r, K]``;
         d_hidden: ``[N, r]`` (scaling and 1 / keep probability applied);
-        mask: the forward's replay key ``int64 [2]`` or packed bits ``uint8 [N, ceil(K/8)]``.
+        mask: the forward's encoded drop positions ``uint8 [M]`` or packed bits ``uint8 [N, ceil(K/8)]``.
     """
     n, k = x2.shape
-    if _mask_is_replay_key(mask):
-        positions = draw_drop_positions(n * k, dropout_p, mask).to(x2.device)
+    if _mask_holds_drop_positions(mask):
+        positions = decode_drop_positions(mask, n * k, dropout_p).to(x2.device)
         x_kept = _zero_at_(x2.clone(memory_format=torch.contiguous_format), positions)
         grad_a = torch.mm(d_hidden.t(), x_kept)
         if not compute_grad_x:
@@ -169,8 +171,8 @@ def dropout_keep_mask(mask: Tensor, rows: int, cols: int, dropout_p: float) -> T
 
     For inspection and tests: the LoRA path never materialises this.
     """
-    if _mask_is_replay_key(mask):
-        return keep_mask_from_positions(draw_drop_positions(rows * cols, dropout_p, mask), rows, cols)
+    if _mask_holds_drop_positions(mask):
+        return keep_mask_from_positions(decode_drop_positions(mask, rows * cols, dropout_p), rows, cols)
     return unpack_mask(mask, cols)
 
 
@@ -225,8 +227,8 @@ def _lora_linear_forward_fake(x, weight, bias, lora_a, lora_b, rng, scaling, dro
     n = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], d))
     hidden = x.new_empty((n, r))
-    if _dropout_active(dropout_p, training) and _replays_mask_from_key(x.device):
-        mask = rng.new_empty((2,), device="cpu")
+    if _dropout_active(dropout_p, training) and _uses_drop_positions(x.device):
+        mask = x.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
     elif _dropout_active(dropout_p, training):
         mask = x.new_empty((n, mask_bytes_per_row(k)), dtype=torch.uint8)
     else:
