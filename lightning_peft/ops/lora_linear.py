@@ -25,13 +25,14 @@ Shapes (N = product of x's leading dims, K = in features, D = out features, r = 
     grad_x ``[*, K]`` (``[0]`` when ``compute_grad_x`` is False), grad_a ``[r, K]``, grad_b ``[D, r]``.
 
 What is kept for backward is x (which the frozen base linear would not need), the small
-``lora_hidden`` and the mask in at most 1 bit per element: never the dropped-out copy of x. Gradients of the frozen ``weight`` / ``bias`` are computed only when they require grad.
+``lora_hidden`` and the mask in at most 1 bit per element: never the dropped-out copy of x.
+Gradients of the frozen ``weight`` / ``bias`` are computed only when they require grad.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -128,6 +129,28 @@ def _dropout_hidden(x2: Tensor, lora_a: Tensor, dropout_p: float, rng: Tensor) -
     return hidden.mul_(_keep_scale(dropout_p)), mask  # scale the small [N, r] tensor, not x
 
 
+class _Masking(NamedTuple):
+    """Applies one dropout mask to ``[N, K]`` tensors, whichever form the mask is kept in."""
+
+    copy: Callable[[Tensor], Tensor]  # masked copy (contiguous)
+    in_place: Callable[[Tensor], Tensor]  # masks a contiguous tensor in place and returns it
+
+
+def _masking_for(mask: Tensor, n: int, k: int, dtype: torch.dtype, dropout_p: float) -> _Masking:
+    """The :class:`_Masking` of a forward's ``mask`` output for ``[n, k]`` tensors of ``dtype``."""
+    if _mask_holds_drop_positions(mask):
+        positions = decode_drop_positions(mask, n * k, dropout_p)
+        return _Masking(
+            copy=lambda t: _zero_at_(t.clone(memory_format=torch.contiguous_format), positions),
+            in_place=lambda t: _zero_at_(t, positions),
+        )
+    select_bits = unpack_mask_as_select_bits(mask, k, dtype)  # [N, K], transient
+    return _Masking(
+        copy=lambda t: apply_select_bits(t, select_bits),
+        in_place=lambda t: apply_select_bits(t, select_bits, out=t),
+    )
+
+
 def _dropout_backward(
     x2: Tensor,
     g2: Tensor,
@@ -145,24 +168,14 @@ def _dropout_backward(
         d_hidden: ``[N, r]`` (scaling and 1 / keep probability applied);
         mask: the forward's encoded drop positions ``uint8 [M]`` or packed bits ``uint8 [N, ceil(K/8)]``.
     """
-    n, k = x2.shape
-    if _mask_holds_drop_positions(mask):
-        positions = decode_drop_positions(mask, n * k, dropout_p).to(x2.device)
-        x_kept = _zero_at_(x2.clone(memory_format=torch.contiguous_format), positions)
-        grad_a = torch.mm(d_hidden.t(), x_kept)
-        if not compute_grad_x:
-            return None, grad_a
-        # LoRA part first (in x_kept's memory), then the base GEMM accumulates onto it (beta = 1
-        # inside the GEMM) instead of a separate read-modify-write pass.
-        grad_x = _zero_at_(torch.mm(d_hidden, lora_a, out=x_kept), positions)
-        return grad_x.addmm_(g2, weight), grad_a
-    select_bits = unpack_mask_as_select_bits(mask, k, x2.dtype)  # [N, K], transient
-    x_kept = apply_select_bits(x2, select_bits)
+    masking = _masking_for(mask, *x2.shape, x2.dtype, dropout_p)
+    x_kept = masking.copy(x2)
     grad_a = torch.mm(d_hidden.t(), x_kept)
     if not compute_grad_x:
         return None, grad_a
-    grad_x = torch.mm(d_hidden, lora_a, out=x_kept)  # LoRA part first, as above
-    apply_select_bits(grad_x, select_bits, out=grad_x)
+    # LoRA part first (in x_kept's memory, masked in place), then the base GEMM accumulates onto
+    # it (beta = 1 inside the GEMM) instead of a separate read-modify-write pass.
+    grad_x = masking.in_place(torch.mm(d_hidden, lora_a, out=x_kept))
     return grad_x.addmm_(g2, weight), grad_a
 
 
