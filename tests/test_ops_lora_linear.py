@@ -171,12 +171,15 @@ def _positions_from_scratch(numel, p, rng):
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.05, 1 / 65536, 0.9, 1e-6])
 @pytest.mark.parametrize("numel", [1, 100, 5000])
 def test_drop_positions_are_geometric_gaps_of_the_keyed_stream(p, numel):
-    from lightning_peft.ops.dropout_mask import draw_drop_positions
+    from lightning_peft.ops.dropout_mask import draw_drop_positions, draw_drops
 
     rng = torch.tensor([5, 9])
-    positions = draw_drop_positions(numel, p, rng)
-    assert positions.dtype == torch.int64
-    assert positions.tolist() == _positions_from_scratch(numel, p, rng)
+    expected = _positions_from_scratch(numel, p, rng)
+    drops = draw_drops(numel, p, rng)
+    assert drops.positions.dtype == drops.distances.dtype == torch.int64
+    assert drops.positions.tolist() == expected
+    assert drops.distances.tolist() == [b - a for a, b in zip([-1] + expected, expected)]
+    assert torch.equal(draw_drop_positions(numel, p, rng), drops.positions)
 
 
 def test_drop_positions_continue_the_stream_when_a_batch_falls_short(monkeypatch):
@@ -184,10 +187,12 @@ def test_drop_positions_continue_the_stream_when_a_batch_falls_short(monkeypatch
     import lightning_peft.ops.dropout_mask as dropout_mask
 
     rng = torch.tensor([1, 2])
-    one_batch = dropout_mask.draw_drop_positions(20_000, 0.1, rng)
+    one_batch = dropout_mask.draw_drops(20_000, 0.1, rng)
     monkeypatch.setattr(dropout_mask, "_POSITION_BATCH_SIGMAS", -25.0)  # ~ a quarter of the drops per batch
     monkeypatch.setattr(dropout_mask, "_POSITION_BATCH_EXTRA", 0)
-    assert torch.equal(dropout_mask.draw_drop_positions(20_000, 0.1, rng), one_batch)
+    several_batches = dropout_mask.draw_drops(20_000, 0.1, rng)
+    assert torch.equal(several_batches.positions, one_batch.positions)
+    assert torch.equal(several_batches.distances, one_batch.distances)  # distances across batch boundaries too
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -336,11 +341,12 @@ def test_saved_for_backward_is_x_plus_at_most_a_bit_per_element(mask_form):
     ],
 )
 def test_drop_positions_encode_in_at_most_a_bit_per_element(p, numel, form):
-    from lightning_peft.ops.dropout_mask import decode_drop_positions, draw_drop_positions, encode_drop_positions
+    from lightning_peft.ops.dropout_mask import decode_drop_positions, draw_drops, encode_drop_positions
 
     rng = torch.tensor([8, 1])
-    positions = draw_drop_positions(numel, p, rng)
+    positions, distances = draw_drops(numel, p, rng)
     encoded = encode_drop_positions(positions, numel, rng)
+    assert torch.equal(encode_drop_positions(positions, numel, rng, distances), encoded)  # the op's shortcut
     assert encoded.dtype == torch.uint8 and encoded.dim() == 1
     assert {0: "key", 1: "uint8", 2: "int16"}[int(encoded[0])] == form
     assert (encoded.numel() - 1) * 8 <= max(numel, 128)  # at most 1 bit per element (or the 16-byte key)

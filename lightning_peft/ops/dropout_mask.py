@@ -7,7 +7,7 @@ always gives the same mask no matter what else consumed the global RNG, and each
 dropped independently with probability ``quantized_drop_probability(p)`` (within 2^-17 of p).
 Two forms, same distribution:
 
-* **Drop positions** (:func:`draw_drop_positions`, the CPU path): the sorted flat indices of the
+* **Drop positions** (:func:`draw_drops`, the CPU path): the sorted flat indices of the
   dropped elements, drawn as geometric gaps, so a draw costs O(p · numel) random numbers instead of
   O(numel); masking is a copy plus ``index_fill_`` at those positions. Backward keeps them as the
   distances between drops, 8 or 16 bits per drop, or, where that would cost more than one bit per
@@ -24,12 +24,15 @@ Bit layout (shared with the CUDA kernels): ``mask`` is ``uint8 [N, ceil(K / 8)]`
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 
 __all__ = [
     "quantized_drop_probability",
     "drop_threshold",
+    "Drops",
+    "draw_drops",
     "draw_drop_positions",
     "encode_drop_positions",
     "decode_drop_positions",
@@ -98,9 +101,16 @@ _POSITION_BATCH_EXTRA = 16
 _INT31_LEVELS_LOG = 31 * math.log(2.0)
 
 
-def draw_drop_positions(numel: int, p: float, rng: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the dropped elements among ``numel``, each dropped independently with
-    probability ``q = quantized_drop_probability(p)``: ``int64 [n_dropped]``, sorted ascending.
+class Drops(NamedTuple):
+    """Where the drops of one mask are: the same information in the two forms its users need."""
+
+    positions: torch.Tensor  # int64 [n_dropped]: sorted flat indices of the dropped elements
+    distances: torch.Tensor  # int64 [n_dropped]: position minus the previous one (the first: position + 1), >= 1
+
+
+def draw_drops(numel: int, p: float, rng: torch.Tensor) -> Drops:
+    """The dropped elements among ``numel``, each dropped independently with probability
+    ``q = quantized_drop_probability(p)``, as sorted positions and the distances between them.
 
     How: the gap before the next drop is geometric, ``P(gap >= g) = (1 - q)^g``, and
     ``gap = floor(log U / log(1 - q))`` for U uniform in (0, 1] is exactly that. U is
@@ -111,30 +121,42 @@ def draw_drop_positions(numel: int, p: float, rng: torch.Tensor) -> torch.Tensor
     Args:
         numel: number of elements (row-major flat index of the ``[N, K]`` input).
         p: requested drop probability in [0, 1).
-        rng: ``int64 [2]`` tensor ``(seed, offset)``; same key, same positions.
+        rng: ``int64 [2]`` tensor ``(seed, offset)``; same key, same drops.
     """
     q = quantized_drop_probability(p)
     if numel == 0 or q == 0.0:
-        return torch.empty((0,), dtype=torch.int64)
+        empty = torch.empty((0,), dtype=torch.int64)
+        return Drops(empty, empty)
     log_keep = math.log1p(-q)
     generator = _generator_for(rng)
-    batches, next_start = [], 0
+    position_batches, distance_batches = [], []
+    previous = -1  # position of the drop before this batch (-1: none yet)
     while True:
-        expected = (numel - next_start) * q
+        expected = (numel - previous - 1) * q
         count = max(1, int(expected + _POSITION_BATCH_SIGMAS * math.sqrt(expected)) + _POSITION_BATCH_EXTRA)
         draws = torch.empty((count,), dtype=torch.int32).random_(generator=generator)  # v in [0, 2^31)
-        log_u = torch.log1p(draws.to(torch.float64)).sub_(_INT31_LEVELS_LOG)  # ln U = ln(v + 1) - 31 ln 2
-        # ln U / ln(1 - q) >= 0, so the truncating cast is the floor. Steps are gap + 1, and the
-        # first one also carries the start (minus one), so the running sum is the positions.
-        steps = log_u.div_(log_keep).to(torch.int64).add_(1)
-        steps[0] += next_start - 1
-        positions = steps.cumsum_(0)
+        # A distance is gap + 1 = floor(ln U / ln(1 - q)) + 1 = floor((ln U + ln(1 - q)) / ln(1 - q)),
+        # with ln U = ln(v + 1) - 31 ln 2 (v + 1 is exact in float64; log is ~2x faster than log1p).
+        # The quotient is >= 1, so the truncating cast is the floor.
+        distance_as_float = draws.to(torch.float64).add_(1.0).log_().sub_(_INT31_LEVELS_LOG - log_keep).div_(log_keep)
+        distances = distance_as_float.to(torch.int64)
+        distances[0] += previous  # the running sum starts from the previous drop...
+        positions = distances.cumsum(0)
+        distances[0] -= previous  # ...without changing the distance itself (two scalar ops, no pass)
         inside = int(torch.searchsorted(positions, numel))
-        batches.append(positions[:inside])
+        position_batches.append(positions[:inside])
+        distance_batches.append(distances[:inside])
         if inside < count:  # the last drop of this batch already lies past the end
             break
-        next_start = int(positions[-1]) + 1  # rare: the batch ended early; the stream continues
-    return batches[0] if len(batches) == 1 else torch.cat(batches)
+        previous = int(positions[-1])  # rare: the batch ended early; the stream continues
+    if len(position_batches) == 1:
+        return Drops(position_batches[0], distance_batches[0])
+    return Drops(torch.cat(position_batches), torch.cat(distance_batches))
+
+
+def draw_drop_positions(numel: int, p: float, rng: torch.Tensor) -> torch.Tensor:
+    """Sorted flat indices ``int64 [n_dropped]`` of the dropped elements: ``draw_drops(...).positions``."""
+    return draw_drops(numel, p, rng).positions
 
 
 # First byte of an encoded drop-position mask: how the rest is to be read.
@@ -142,7 +164,9 @@ _REPLAY_KEY, _STEPS_UINT8, _STEPS_INT16 = 0, 1, 2
 _STEP_DTYPES = {_STEPS_UINT8: torch.uint8, _STEPS_INT16: torch.int16}
 
 
-def encode_drop_positions(positions: torch.Tensor, numel: int, rng: torch.Tensor) -> torch.Tensor:
+def encode_drop_positions(
+    positions: torch.Tensor, numel: int, rng: torch.Tensor, distances: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """What backward keeps of a drop-position mask: ``uint8 [1 + payload]``, never more than 1 bit per element.
 
     The first byte says what follows: the distances between consecutive drops as ``uint8`` or
@@ -152,32 +176,45 @@ def encode_drop_positions(positions: torch.Tensor, numel: int, rng: torch.Tensor
     distances, where drawing again is cheap).
 
     Args:
-        positions: ``int64 [n_dropped]`` from :func:`draw_drop_positions` with key ``rng``.
+        positions: ``int64 [n_dropped]`` from :func:`draw_drops` with key ``rng``.
         numel: the number of elements the positions index.
         rng: ``int64 [2]`` key the positions were drawn from.
+        distances: the same drops' ``Drops.distances`` when at hand (saves recomputing them).
     """
     n_dropped = positions.numel()
-    steps = torch.diff(positions, prepend=positions.new_full((1,), -1))  # >= 1
-    max_step = int(steps.max()) if n_dropped else 0
+    longest = None
     for tag, bits, limit in ((_STEPS_UINT8, 8, 255), (_STEPS_INT16, 16, 32767)):
-        if n_dropped * bits <= numel and max_step <= limit:
-            payload = steps.to(_STEP_DTYPES[tag]).view(torch.uint8)
-            break
-    else:
-        tag, payload = _REPLAY_KEY, rng.to(device="cpu", dtype=torch.int64, copy=True).view(torch.uint8)
-    encoded = torch.empty((1 + payload.numel(),), dtype=torch.uint8)
-    encoded[0] = tag
-    encoded[1:] = payload
+        if n_dropped * bits > numel:
+            continue  # more than one bit per element
+        if longest is None:
+            if distances is None:
+                distances = torch.diff(positions, prepend=positions.new_full((1,), -1))  # >= 1
+            longest = int(distances.max()) if n_dropped else 0
+        if longest <= limit:
+            encoded = torch.empty((1 + n_dropped * bits // 8,), dtype=torch.uint8)
+            encoded[0] = tag
+            if tag == _STEPS_UINT8:
+                encoded[1:].copy_(distances)  # narrows while copying: one pass
+            else:  # int16 bytes cannot be viewed at the odd offset 1, so narrow first
+                encoded[1:] = distances.to(torch.int16).view(torch.uint8)
+            return encoded
+    encoded = torch.empty((1 + 16,), dtype=torch.uint8)
+    encoded[0] = _REPLAY_KEY
+    encoded[1:] = rng.to(device="cpu", dtype=torch.int64, copy=True).view(torch.uint8)
     return encoded
 
 
 def decode_drop_positions(encoded: torch.Tensor, numel: int, p: float) -> torch.Tensor:
     """Inverse of :func:`encode_drop_positions`: the sorted ``int64`` drop positions."""
     tag = int(encoded[0])
-    payload = encoded[1:].clone()  # aligned for the view below
-    if tag == _REPLAY_KEY:
-        return draw_drop_positions(numel, p, payload.view(torch.int64))
-    return payload.view(_STEP_DTYPES[tag]).to(torch.int64).cumsum_(0).sub_(1)
+    if tag == _STEPS_UINT8:
+        distances = encoded[1:]
+    else:
+        payload = encoded[1:].clone()  # aligned for the wider view
+        if tag == _REPLAY_KEY:
+            return draw_drop_positions(numel, p, payload.view(torch.int64))
+        distances = payload.view(_STEP_DTYPES[tag])
+    return distances.to(torch.int64).cumsum_(0).sub_(1)
 
 
 def keep_mask_from_positions(positions: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ from torch import Tensor
 from lightning_peft.ops.dropout_mask import (
     apply_select_bits,
     decode_drop_positions,
-    draw_drop_positions,
+    draw_drops,
     draw_packed_keep_mask,
     encode_drop_positions,
     keep_mask_from_positions,
@@ -117,10 +117,10 @@ def _dropout_hidden(x2: Tensor, lora_a: Tensor, dropout_p: float, rng: Tensor) -
     """
     n, k = x2.shape
     if _uses_drop_positions(x2.device):
-        positions = draw_drop_positions(n * k, dropout_p, rng)
-        x_kept = _zero_at_(x2.clone(memory_format=torch.contiguous_format), positions)
+        drops = draw_drops(n * k, dropout_p, rng)
+        x_kept = _zero_at_(x2.clone(memory_format=torch.contiguous_format), drops.positions)
         # Copies, never the rng buffer itself: the layer advances it in place before the next step.
-        mask = encode_drop_positions(positions, n * k, rng)
+        mask = encode_drop_positions(drops.positions, n * k, rng, drops.distances)
     else:
         mask = draw_packed_keep_mask(n, k, dropout_p, rng).to(x2.device)  # [N, ceil(K/8)] uint8
         select_bits = unpack_mask_as_select_bits(mask, k, x2.dtype)  # [N, K], transient
