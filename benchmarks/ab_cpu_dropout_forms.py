@@ -44,7 +44,7 @@ def select_form(form: str) -> None:
     dropout_mask = importlib.import_module("lightning_peft.ops.dropout_mask")
     lora_linear._uses_drop_positions = lambda device: form != "packed"
     if form == "redraw":  # numel 0: no distance encoding fits the 1-bit budget, so the key is kept
-        lora_linear.encode_drop_positions = lambda positions, numel, rng, distances=None: dropout_mask.encode_drop_positions(positions, 0, rng)
+        lora_linear.encode_drop_positions = lambda positions, numel, rng, increments=None: dropout_mask.encode_drop_positions(positions, 0, rng)
     else:
         lora_linear.encode_drop_positions = dropout_mask.encode_drop_positions
 

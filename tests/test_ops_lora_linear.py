@@ -176,9 +176,9 @@ def test_drop_positions_are_geometric_gaps_of_the_keyed_stream(p, numel):
     rng = torch.tensor([5, 9])
     expected = _positions_from_scratch(numel, p, rng)
     drops = draw_drops(numel, p, rng)
-    assert drops.positions.dtype == drops.distances.dtype == torch.int64
+    assert drops.positions.dtype == drops.increments.dtype == torch.int64
     assert drops.positions.tolist() == expected
-    assert drops.distances.tolist() == [b - a for a, b in zip([-1] + expected, expected)]
+    assert drops.increments.tolist() == [b - a for a, b in zip([0] + expected, expected)]
     assert torch.equal(draw_drop_positions(numel, p, rng), drops.positions)
 
 
@@ -192,7 +192,7 @@ def test_drop_positions_continue_the_stream_when_a_batch_falls_short(monkeypatch
     monkeypatch.setattr(dropout_mask, "_POSITION_BATCH_EXTRA", 0)
     several_batches = dropout_mask.draw_drops(20_000, 0.1, rng)
     assert torch.equal(several_batches.positions, one_batch.positions)
-    assert torch.equal(several_batches.distances, one_batch.distances)  # distances across batch boundaries too
+    assert torch.equal(several_batches.increments, one_batch.increments)  # increments across batch boundaries too
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -333,25 +333,49 @@ def test_saved_for_backward_is_x_plus_at_most_a_bit_per_element(mask_form):
 @pytest.mark.parametrize(
     "p, numel, form",
     [
-        (0.1, 100_000, "uint8"),  # distances fit a byte (the largest of ~10^4 is ~100)
-        (0.01, 100_000, "int16"),  # some distances pass 255
+        (0.1, 100_000, "uint8"),  # increments fit a byte (the largest of ~10^4 is ~100)
+        (0.01, 100_000, "int16"),  # some increments pass 255
         (0.3, 100_000, "key"),  # a byte per drop would be 2.4 bits per element
-        (1e-5, 10_000_000, "key"),  # distances can pass 32767
-        (1e-7, 1000, "uint8"),  # nothing dropped: an empty list of distances
+        (1e-5, 10_000_000, "key"),  # increments can pass 32767
+        (1e-7, 1000, "uint8"),  # nothing dropped: an empty list of increments
     ],
 )
 def test_drop_positions_encode_in_at_most_a_bit_per_element(p, numel, form):
     from lightning_peft.ops.dropout_mask import decode_drop_positions, draw_drops, encode_drop_positions
 
     rng = torch.tensor([8, 1])
-    positions, distances = draw_drops(numel, p, rng)
+    positions, increments = draw_drops(numel, p, rng)
     encoded = encode_drop_positions(positions, numel, rng)
-    assert torch.equal(encode_drop_positions(positions, numel, rng, distances), encoded)  # the op's shortcut
+    assert torch.equal(encode_drop_positions(positions, numel, rng, increments), encoded)  # the op's shortcut
     assert encoded.dtype == torch.uint8 and encoded.dim() == 1
     assert {0: "key", 1: "uint8", 2: "int16"}[int(encoded[0])] == form
     assert (encoded.numel() - 1) * 8 <= max(numel, 128)  # at most 1 bit per element (or the 16-byte key)
     rng += 1  # the layer's buffer advances in place: the encoded mask must not depend on it
     assert torch.equal(decode_drop_positions(encoded, numel, p), positions)
+
+
+@pytest.mark.parametrize(
+    "jump, form",
+    [
+        (255, "uint8"),  # the largest increment a byte holds
+        (256, "int16"),  # would wrap to 0 as a byte
+        (512 + 3, "int16"),  # would wrap to 3
+        (32_768, "key"),  # the first that int16 cannot hold
+    ],
+)
+def test_drop_positions_encode_detects_an_increment_that_does_not_fit(jump, form):
+    """One wide increment among small ones picks the next wider encoding (no silent wrap), and
+    the chosen encoding decodes to exactly the same positions."""
+    from lightning_peft.ops.dropout_mask import decode_drop_positions, encode_drop_positions
+
+    before = list(range(0, 40, 2))
+    positions = torch.tensor(before + [before[-1] + jump + k for k in range(0, 40, 3)], dtype=torch.int64)
+    numel = 200_000
+    for increments in (None, torch.diff(positions, prepend=positions.new_zeros(1))):
+        encoded = encode_drop_positions(positions, numel, torch.tensor([4, 4]), increments)
+        assert {0: "key", 1: "uint8", 2: "int16"}[int(encoded[0])] == form
+        if form != "key":  # (a key decodes to the key's own draw, not to these hand-made positions)
+            assert torch.equal(decode_drop_positions(encoded, numel, 0.1), positions)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.4])  # distances kept as bytes / the key kept and drawn again

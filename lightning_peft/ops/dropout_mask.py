@@ -102,15 +102,15 @@ _INT31_LEVELS_LOG = 31 * math.log(2.0)
 
 
 class Drops(NamedTuple):
-    """Where the drops of one mask are: the same information in the two forms its users need."""
+    """Where the drops of one mask are, in the two forms their users need: ``positions = increments.cumsum(0)``."""
 
     positions: torch.Tensor  # int64 [n_dropped]: sorted flat indices of the dropped elements
-    distances: torch.Tensor  # int64 [n_dropped]: position minus the previous one (the first: position + 1), >= 1
+    increments: torch.Tensor  # int64 [n_dropped]: the first position, then each position minus the previous one (>= 1)
 
 
 def draw_drops(numel: int, p: float, rng: torch.Tensor) -> Drops:
     """The dropped elements among ``numel``, each dropped independently with probability
-    ``q = quantized_drop_probability(p)``, as sorted positions and the distances between them.
+    ``q = quantized_drop_probability(p)``, as sorted positions and the increments between them.
 
     How: the gap before the next drop is geometric, ``P(gap >= g) = (1 - q)^g``, and
     ``gap = floor(log U / log(1 - q))`` for U uniform in (0, 1] is exactly that. U is
@@ -129,29 +129,30 @@ def draw_drops(numel: int, p: float, rng: torch.Tensor) -> Drops:
         return Drops(empty, empty)
     log_keep = math.log1p(-q)
     generator = _generator_for(rng)
-    position_batches, distance_batches = [], []
+    position_batches, increment_batches = [], []
     previous = -1  # position of the drop before this batch (-1: none yet)
     while True:
         expected = (numel - previous - 1) * q
         count = max(1, int(expected + _POSITION_BATCH_SIGMAS * math.sqrt(expected)) + _POSITION_BATCH_EXTRA)
         draws = torch.empty((count,), dtype=torch.int32).random_(generator=generator)  # v in [0, 2^31)
-        # A distance is gap + 1 = floor(ln U / ln(1 - q)) + 1 = floor((ln U + ln(1 - q)) / ln(1 - q)),
-        # with ln U = ln(v + 1) - 31 ln 2 (v + 1 is exact in float64; log is ~2x faster than log1p).
-        # The quotient is >= 1, so the truncating cast is the floor.
-        distance_as_float = draws.to(torch.float64).add_(1.0).log_().sub_(_INT31_LEVELS_LOG - log_keep).div_(log_keep)
-        distances = distance_as_float.to(torch.int64)
-        distances[0] += previous  # the running sum starts from the previous drop...
-        positions = distances.cumsum(0)
-        distances[0] -= previous  # ...without changing the distance itself (two scalar ops, no pass)
+        # The distance between drops is gap + 1 = floor(ln U / ln(1 - q)) + 1
+        # = floor((ln U + ln(1 - q)) / ln(1 - q)), with ln U = ln(v + 1) - 31 ln 2 (v + 1 is exact
+        # in float64; log is ~2x faster than log1p). The quotient is >= 1: the truncating cast floors.
+        log_u_plus_log_keep = draws.to(torch.float64).add_(1.0).log_().sub_(_INT31_LEVELS_LOG - log_keep)
+        increments = log_u_plus_log_keep.div_(log_keep).to(torch.int64)
+        increments[0] += previous  # the running sum starts from the previous drop
+        positions = increments.cumsum(0)
+        if previous >= 0:  # rare (a later batch): its first increment is the distance to that drop
+            increments[0] -= previous
         inside = int(torch.searchsorted(positions, numel))
         position_batches.append(positions[:inside])
-        distance_batches.append(distances[:inside])
+        increment_batches.append(increments[:inside])
         if inside < count:  # the last drop of this batch already lies past the end
             break
         previous = int(positions[-1])  # rare: the batch ended early; the stream continues
     if len(position_batches) == 1:
-        return Drops(position_batches[0], distance_batches[0])
-    return Drops(torch.cat(position_batches), torch.cat(distance_batches))
+        return Drops(position_batches[0], increment_batches[0])
+    return Drops(torch.cat(position_batches), torch.cat(increment_batches))
 
 
 def draw_drop_positions(numel: int, p: float, rng: torch.Tensor) -> torch.Tensor:
@@ -165,21 +166,21 @@ _STEP_DTYPES = {_STEPS_UINT8: torch.uint8, _STEPS_INT16: torch.int16}
 
 
 def encode_drop_positions(
-    positions: torch.Tensor, numel: int, rng: torch.Tensor, distances: Optional[torch.Tensor] = None
+    positions: torch.Tensor, numel: int, rng: torch.Tensor, increments: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """What backward keeps of a drop-position mask: ``uint8 [1 + payload]``, never more than 1 bit per element.
 
-    The first byte says what follows: the distances between consecutive drops as ``uint8`` or
-    ``int16`` (8 or 16 bits per *drop*; 0.8 bits per element at p = 0.1), when every distance fits
-    and that costs at most one bit per element; otherwise the 16 bytes of the ``(seed, offset)`` key,
-    and backward draws the positions again (drops too dense for 1 bit each, or too sparse for int16
-    distances, where drawing again is cheap).
+    The first byte says what follows: the increments between consecutive drops (the first is the
+    first position) as ``uint8`` or ``int16`` (8 or 16 bits per *drop*; 0.8 bits per element at
+    p = 0.1), when every increment fits and that costs at most one bit per element; otherwise the
+    16 bytes of the ``(seed, offset)`` key, and backward draws the positions again (drops too dense
+    for 1 bit each, or too sparse for int16 increments, where drawing again is cheap).
 
     Args:
         positions: ``int64 [n_dropped]`` from :func:`draw_drops` with key ``rng``.
         numel: the number of elements the positions index.
         rng: ``int64 [2]`` key the positions were drawn from.
-        distances: the same drops' ``Drops.distances`` when at hand (saves recomputing them).
+        increments: the same drops' ``Drops.increments`` when at hand (saves recomputing them).
     """
     n_dropped = positions.numel()
     longest = None
@@ -187,16 +188,16 @@ def encode_drop_positions(
         if n_dropped * bits > numel:
             continue  # more than one bit per element
         if longest is None:
-            if distances is None:
-                distances = torch.diff(positions, prepend=positions.new_full((1,), -1))  # >= 1
-            longest = int(distances.max()) if n_dropped else 0
+            if increments is None:
+                increments = torch.diff(positions, prepend=positions.new_zeros((1,)))
+            longest = int(increments.max()) if n_dropped else 0
         if longest <= limit:
             encoded = torch.empty((1 + n_dropped * bits // 8,), dtype=torch.uint8)
             encoded[0] = tag
             if tag == _STEPS_UINT8:
-                encoded[1:].copy_(distances)  # narrows while copying: one pass
+                encoded[1:].copy_(increments)  # narrows while copying: one pass
             else:  # int16 bytes cannot be viewed at the odd offset 1, so narrow first
-                encoded[1:] = distances.to(torch.int16).view(torch.uint8)
+                encoded[1:] = increments.to(torch.int16).view(torch.uint8)
             return encoded
     encoded = torch.empty((1 + 16,), dtype=torch.uint8)
     encoded[0] = _REPLAY_KEY
@@ -208,13 +209,13 @@ def decode_drop_positions(encoded: torch.Tensor, numel: int, p: float) -> torch.
     """Inverse of :func:`encode_drop_positions`: the sorted ``int64`` drop positions."""
     tag = int(encoded[0])
     if tag == _STEPS_UINT8:
-        distances = encoded[1:]
+        increments = encoded[1:]
     else:
         payload = encoded[1:].clone()  # aligned for the wider view
         if tag == _REPLAY_KEY:
             return draw_drop_positions(numel, p, payload.view(torch.int64))
-        distances = payload.view(_STEP_DTYPES[tag])
-    return distances.to(torch.int64).cumsum_(0).sub_(1)
+        increments = payload.view(_STEP_DTYPES[tag])
+    return increments.cumsum(0, dtype=torch.int64)
 
 
 def keep_mask_from_positions(positions: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

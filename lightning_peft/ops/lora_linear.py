@@ -120,7 +120,7 @@ def _dropout_hidden(x2: Tensor, lora_a: Tensor, dropout_p: float, rng: Tensor) -
         drops = draw_drops(n * k, dropout_p, rng)
         x_kept = _zero_at_(x2.clone(memory_format=torch.contiguous_format), drops.positions)
         # Copies, never the rng buffer itself: the layer advances it in place before the next step.
-        mask = encode_drop_positions(drops.positions, n * k, rng, drops.distances)
+        mask = encode_drop_positions(drops.positions, n * k, rng, drops.increments)
     else:
         mask = draw_packed_keep_mask(n, k, dropout_p, rng).to(x2.device)  # [N, ceil(K/8)] uint8
         select_bits = unpack_mask_as_select_bits(mask, k, x2.dtype)  # [N, K], transient
