@@ -29,13 +29,15 @@ machine hits all three alike and every ratio is formed inside its group. Each st
 the cores *other* processes used meanwhile (/proc/stat); a step that saw more than
 ``--max-other-cores`` is redone after waiting for a quiet moment (``--step-retries``). The whole
 set of groups runs ``--rounds`` times (default 2) in alternating order. Reported: per config the
-median of its per-run medians; per ratio the median over (group, round) of the in-group ratio.
+median of its per-run medians; per ratio the median over (group, round) of the in-group ratio
+(and, from three groups on, their mean ± standard error).
 
 Usage::
 
     python benchmarks/bench_cpu_lora.py                      # full run, writes benchmarks/results/cpu_lora.{md,json}
     python benchmarks/bench_cpu_lora.py --configs floor,ours-all-p0.1 --steps 4 --warmup 1 --rounds 1
     python benchmarks/bench_cpu_lora.py --profile ours-all-p0.1,peft-all-p0.1,floor   # torch.profiler top ops
+    python benchmarks/bench_cpu_lora.py --pool a.json,b.json   # targets over the groups of saved runs together
 
 A subset or overridden run writes no results file unless ``--out PREFIX`` is given.
 """
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -438,9 +441,15 @@ def evaluate_targets(agg: dict[str, dict]) -> list[dict]:
             out.append({"target": desc, "status": "N/A", "detail": "not measured in this run"})
             return
         r, rc = a[key], a["cpu_" + key]
-        each = ", ".join(f"{x:.3f}" for x in a[key + "_each"])
-        out.append({"target": desc, "status": "PASS" if r <= limit else "FAIL", "value": r, "cpu_time_ratio": rc,
-                    "limit": limit, "detail": f"{r:.3f}x (limit {limit:.2f}x; per group/round {each}); CPU-time ratio {rc:.3f}x"})
+        values = a[key + "_each"]
+        each = ", ".join(f"{x:.3f}" for x in values)
+        entry = {"target": desc, "status": "PASS" if r <= limit else "FAIL", "value": r, "cpu_time_ratio": rc, "limit": limit}
+        spread = ""
+        if len(values) >= 3:  # the groups are independent processes: their mean and its standard error
+            entry["mean"], entry["standard_error"] = statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
+            spread = f"; mean {entry['mean']:.3f} ± {entry['standard_error']:.3f} (s.e., {len(values)} groups)"
+        entry["detail"] = f"{r:.3f}x (limit {limit:.2f}x; per group/round {each}{spread}); CPU-time ratio {rc:.3f}x"
+        out.append(entry)
 
     ratio_target("all-linear p=0.1: ours <= 0.80x peft step time", "ours-all-p0.1", "vs_peft", 0.80)
     ratio_target("all-linear p=0.1: ours <= 1.25x floor step time", "ours-all-p0.1", "vs_floor", 1.25)
@@ -581,6 +590,29 @@ def write_results(prefix: Path, env: dict, command: str, args, rows, targets, ru
     print(f"wrote {prefix.with_suffix('.md')} and {prefix.with_suffix('.json')}")
 
 
+def pool_runs(paths: list[str]) -> str:
+    """The targets over the groups of several saved runs together (each group keeps its own floor).
+
+    For code that did not change between the runs (check each file's commit): more independent
+    processes give a better estimate of a ratio than any single run's median.
+    """
+    runs, configs, described = [], [], []
+    for i, path in enumerate(paths):
+        saved = json.loads(Path(path).read_text())
+        env = saved["environment"]
+        described.append(f"{path}: {env['date']}, commit {env['lightning_peft_commit']}, `{saved['command']}`")
+        for r in saved["runs"]:
+            runs.append({**r, "round": f"{i}:{r['round']}"})  # rounds of different files are different groups
+            if r["config"] not in configs:
+                configs.append(r["config"])
+    targets = evaluate_targets(aggregate(runs, configs))
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), "--pool", ",".join(paths)])
+    return "\n".join([
+        "# CPU LoRA benchmark: targets over the groups of several runs", "", f"- command: `{command}`", "- runs pooled:",
+        *(f"  - {d}" for d in described), "", fmt_targets(targets), "",
+    ])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of: {','.join(CONFIGS)}")
@@ -601,6 +633,8 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--profile-shapes", action="store_true", help="group profiler rows by input shape (LoRA-branch ops show r=8)")
+    ap.add_argument("--pool", default=None, metavar="JSON[,JSON...]",
+                    help="no new measurement: pool the groups of these saved runs (their .json) and print the targets")
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -610,6 +644,10 @@ def main() -> None:
         return
     if args.profile_child:
         profile(args.profile_child, args.profile_steps, args.warmup, args.profile_rows, args.profile_shapes)
+        return
+
+    if args.pool:
+        print(pool_runs(args.pool.split(",")))
         return
 
     if args.profile:
