@@ -254,12 +254,13 @@ def wait_for_quiet(max_wait_s: float, busy_cores: float = 0.15, window_s: float 
 class Child:
     """One configuration's process, driven step by step over its stdin/stdout."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, extra_env: dict[str, str] | None = None) -> None:
         self.name = name
         self.stderr = tempfile.TemporaryFile(mode="w+")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", name]
+        env = {**child_env(), **(extra_env or {})}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, env=child_env(), cwd=str(REPO))
+                                     text=True, env=env, cwd=str(REPO))
 
     def _expect(self, tag: str) -> dict:
         while True:
