@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import statistics
 import sys
 import time
@@ -81,8 +80,8 @@ def main() -> None:
     print("|---|---:|---:|")
     for v in variants:
         ratios = [a / b for a, b in zip(times[v], times["floor"])]
-        se = statistics.stdev(ratios) / math.sqrt(len(ratios))
-        print(f"| {v} | {statistics.median(times[v]):.3f} | {statistics.mean(ratios):.3f} ± {se:.3f} |")
+        mean, se = bench_cpu_lora.mean_and_standard_error(ratios)
+        print(f"| {v} | {statistics.median(times[v]):.3f} | {mean:.3f} ± {se:.3f} |")
 
 
 if __name__ == "__main__":

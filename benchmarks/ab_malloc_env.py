@@ -20,7 +20,6 @@ so the effect on "× floor" ratios shows as well.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -57,7 +56,8 @@ def run_round(configs: list[str], steps: int, warmup: int) -> dict[tuple[str, bo
 def mean_se(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
+    mean, se = bench_cpu_lora.mean_and_standard_error(values)
+    return f"{mean:.3f} ± {se:.3f}"
 
 
 def main() -> None:

@@ -433,6 +433,11 @@ def build_table(agg: dict[str, dict], order: list[str]) -> list[dict]:
     return rows
 
 
+def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
+    """Mean of independent measurements and its standard error (needs at least two values)."""
+    return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
 def evaluate_targets(agg: dict[str, dict]) -> list[dict]:
     out = []
 
@@ -447,7 +452,7 @@ def evaluate_targets(agg: dict[str, dict]) -> list[dict]:
         entry = {"target": desc, "status": "PASS" if r <= limit else "FAIL", "value": r, "cpu_time_ratio": rc, "limit": limit}
         spread = ""
         if len(values) >= 3:  # the groups are independent processes: their mean and its standard error
-            entry["mean"], entry["standard_error"] = statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
+            entry["mean"], entry["standard_error"] = mean_and_standard_error(values)
             spread = f"; mean {entry['mean']:.3f} ± {entry['standard_error']:.3f} (s.e., {len(values)} groups)"
         entry["detail"] = f"{r:.3f}x (limit {limit:.2f}x; per group/round {each}{spread}); CPU-time ratio {rc:.3f}x"
         out.append(entry)
