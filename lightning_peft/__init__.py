@@ -2,45 +2,22 @@
 
 from lightning_peft.peft_model import PeftModel, count_parameters, format_trainable_parameters, get_peft_model
 from lightning_peft.serialization import load_adapter, read_adapter_config, save_adapter
-from lightning_peft.tuners import (
-    AdapterConfig,
-    BitFitConfig,
-    LoraConfig,
-    LoraLinear,
-    PeftConfig,
-    PrefixTuningConfig,
-    PromptTuningConfig,
-    adapter_state_dict,
-    advance_dropout_rng,
-    get_tuner,
-    inject_adapter,
-    load_adapter_state_dict,
-    remove_adapter,
-)
+from lightning_peft.tuners import AdapterConfig, BitFitConfig, LoraConfig, LoraLinear, PeftConfig
+from lightning_peft.tuners import PrefixTuningConfig, PromptTuningConfig, get_tuner, inject_adapter, remove_adapter
+from lightning_peft.tuners import adapter_state_dict, advance_dropout_rng, load_adapter_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig",
-    "BitFitConfig",
-    "LoraConfig",
-    "LoraLinear",
-    "PeftConfig",
-    "PrefixTuningConfig",
-    "PromptTuningConfig",
-    "PeftModel",
-    "get_peft_model",
-    "inject_adapter",
-    "remove_adapter",
-    "get_tuner",
-    "adapter_state_dict",
-    "load_adapter_state_dict",
-    "advance_dropout_rng",
-    "save_adapter",
-    "load_adapter",
-    "read_adapter_config",
-    "count_parameters",
-    "format_trainable_parameters",
+    # configs of the methods (HF peft's names)
+    "PeftConfig", "LoraConfig", "AdapterConfig", "PrefixTuningConfig", "PromptTuningConfig", "BitFitConfig",
+    # peft's model API
+    "PeftModel", "get_peft_model", "count_parameters", "format_trainable_parameters",
+    # adapters on any nn.Module, without the wrapper
+    "inject_adapter", "remove_adapter", "get_tuner", "LoraLinear",
+    "adapter_state_dict", "load_adapter_state_dict", "advance_dropout_rng",
+    # peft's adapter directory format
+    "save_adapter", "load_adapter", "read_adapter_config",
 ]
 
 # Lightning glue. PEFTCallback / AtomicCheckpointIO are imported on first access, so that

@@ -103,6 +103,7 @@ def load_adapter(model: nn.Module, directory: str, *, is_trainable: bool = False
     raw = load_file(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
     tuner = inject_adapter(model, config)
     try:
+        tuner.fit_to_peft_state(model, raw)
         state = tuner.from_peft_state_dict(model, raw)
         load_adapter_state_dict(model, {k: v.to(_param_device(model)) for k, v in state.items()})
     except BaseException:

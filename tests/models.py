@@ -50,6 +50,19 @@ def reference_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
+def random_ids(seed: int = 0, shape: tuple[int, ...] = (2, 6)) -> torch.Tensor:
+    """Token ids ``[*shape]`` in the tiny models' vocabulary, from their own generator."""
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits_alone_and_right_padded(model: torch.nn.Module, x: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of ``x [1, T]`` with an all-ones mask, and of ``x`` followed by ``pad`` masked-out tokens."""
+    padded = torch.cat((x, torch.zeros(1, pad, dtype=torch.long)), dim=1)
+    mask = torch.cat((torch.ones_like(x), torch.zeros(1, pad, dtype=torch.long)), dim=1)
+    return model(input_ids=x, attention_mask=torch.ones_like(x)).logits, model(input_ids=padded, attention_mask=mask).logits
+
+
 MODEL_FACTORIES = {
     "llama": (tiny_llama, ["q_proj", "v_proj"]),
     "llama_gqa": (lambda seed=0: tiny_llama(seed, kv_heads=2), ["q_proj", "k_proj", "v_proj", "o_proj"]),

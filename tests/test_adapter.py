@@ -254,8 +254,8 @@ class UnknownBlocks(nn.Module):
         (tiny_llama, {"reduction_factor": 0.5}, ValueError, r"reduction_factor must be >= 1"),
         (tiny_llama, {"bottleneck_size": 0}, ValueError, r"bottleneck_size must be a positive integer"),
         (tiny_llama, {"non_linearity": "softmax"}, ValueError, r"non_linearity must be one of"),
-        (tiny_llama, {"target_modules": ["nope"]}, ValueError, r"matched no module of LlamaForCausalLM.*Linear layers it has"),
-        (tiny_llama, {"target_modules": ["mlp"]}, TypeError, r"wrap the output projection .*mlp \(LlamaMLP\)"),
+        (tiny_llama, {"target_modules": ["nope"]}, ValueError, r"matched no module of LlamaForCausalLM.*could be adapted \(nn.Linear, Conv1D\): .*down_proj"),
+        (tiny_llama, {"target_modules": ["mlp"]}, TypeError, r"bottleneck adapters can adapt nn.Linear, Conv1D layers.*mlp \(LlamaMLP\)"),
     ],
 )
 def test_bad_input_clear_error_and_model_untouched(model_factory, kwargs, error, message):

@@ -10,7 +10,7 @@ import copy
 import peft
 import pytest
 import torch
-from models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
+from models import VOCAB, logits_alone_and_right_padded, random_ids, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers import DynamicCache, T5Config, T5ForConditionalGeneration
 
@@ -20,8 +20,7 @@ from lightning_peft import PrefixTuningConfig, PromptTuningConfig, get_peft_mode
 P = 3
 
 
-def ids(seed: int = 0, shape=(2, 6)) -> torch.Tensor:
-    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+ids = random_ids
 
 
 def test_gqa_prefix_has_the_key_value_width_and_lands_in_every_layer():
@@ -43,11 +42,8 @@ def test_padding_is_masked_and_the_prefix_is_attended(factory):
     base = factory()
     model = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(num_virtual_tokens=P)).eval()
     x = ids(1, (1, 6))
-    padded = torch.cat((x, torch.zeros(1, 3, dtype=torch.long)), dim=1)
-    mask = torch.cat((torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)), dim=1)
+    short, long = logits_alone_and_right_padded(model, x, pad=3)
     with torch.no_grad():
-        short = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
-        long = model(input_ids=padded, attention_mask=mask).logits
         plain = base(input_ids=x).logits
     torch.testing.assert_close(long if short.dim() == 2 else long[:, :6], short, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(short, plain, atol=1e-3)  # the prefix changes the result

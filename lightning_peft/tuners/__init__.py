@@ -1,6 +1,6 @@
 """PEFT methods, each a config + a tuner over the shared injection mechanism."""
 
-from lightning_peft.tuners.config import PeftConfig, config_from_dict
+from lightning_peft.tuners.config import LayerTargetsConfig, PeftConfig, config_from_dict
 from lightning_peft.tuners.injection import (
     AdapterLayer,
     AdapterModule,
@@ -13,6 +13,7 @@ from lightning_peft.tuners.injection import (
     load_adapter_state_dict,
     remove_adapter,
 )
+from lightning_peft.tuners.layers import LayerReplacementTuner, LinearAdapterLayer
 from lightning_peft.tuners.adapter import AdapterConfig, AdapterTuner, BottleneckAdapterLayer
 from lightning_peft.tuners.bitfit import BitFitConfig, BitFitTuner
 from lightning_peft.tuners.lora import LoraConfig, LoraLinear, LoraTuner
@@ -21,11 +22,14 @@ from lightning_peft.tuners.prompt import PromptEmbedding, PromptTuner, PromptTun
 
 __all__ = [
     "PeftConfig",
+    "LayerTargetsConfig",
     "config_from_dict",
     "AdapterLayer",
     "AdapterModule",
     "Tuner",
     "ModuleReplacementTuner",
+    "LinearAdapterLayer",
+    "LayerReplacementTuner",
     "inject_adapter",
     "remove_adapter",
     "get_tuner",

@@ -18,31 +18,18 @@ zero, so the adapted model computes exactly what the base model does until it is
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Union
+from typing import Literal, Optional
 
 import torch
 from torch import nn
 
-from lightning_peft.tuners.config import PeftConfig, register_config
-from lightning_peft.tuners.injection import (
-    AdapterLayer,
-    ModuleReplacementTuner,
-    describe_available_modules,
-    match_module_names,
-    register_tuner,
-)
-from lightning_peft.tuners.model_arch import block_output_projections, find_blocks
+from lightning_peft.tuners.config import LayerTargetsConfig, register_config
+from lightning_peft.tuners.injection import register_tuner
+from lightning_peft.tuners.layers import LayerReplacementTuner, LinearAdapterLayer, is_fan_in_fan_out
+from lightning_peft.tuners.model_arch import block_output_projections
 
 __all__ = ["AdapterConfig", "BottleneckAdapterLayer", "AdapterTuner"]
 
-try:  # GPT-2 style layers store weight as [in, out]
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # transformers is optional for plain nn.Modules
-    Conv1D = None  # type: ignore[assignment,misc]
-
-_LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -53,8 +40,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 @register_config
-@dataclass
-class AdapterConfig(PeftConfig):
+class AdapterConfig(LayerTargetsConfig):
     """Bottleneck adapter settings (AdapterHub's semantics; this method is not part of HF peft).
 
     Args:
@@ -68,7 +54,8 @@ class AdapterConfig(PeftConfig):
         target_modules: adapt the outputs of these (linear) modules instead of the architecture's
             sub-block outputs (names / suffixes, or a regex over whole names). For architectures the
             block table does not know.
-        layers_to_transform: only adapt blocks with these indices.
+        exclude_modules, layers_to_transform, layers_pattern: narrow the targets (see
+            :class:`~lightning_peft.tuners.config.LayerTargetsConfig`).
 
     Example::
 
@@ -77,13 +64,12 @@ class AdapterConfig(PeftConfig):
     """
 
     peft_type = "BOTTLENECK_ADAPTER"
+    method_name = "bottleneck adapters"
     placement: Literal["pfeiffer", "houlsby"] = "pfeiffer"
     reduction_factor: float = 16
     bottleneck_size: Optional[int] = None
     non_linearity: str = "relu"
     init_weights: bool = True
-    target_modules: Optional[Union[list[str], str]] = None
-    layers_to_transform: Optional[Union[list[int], int]] = None
 
     def validate(self) -> None:
         super().validate()
@@ -101,10 +87,6 @@ class AdapterConfig(PeftConfig):
             raise ValueError(f"AdapterConfig.non_linearity must be one of {', '.join(_ACTIVATIONS)}, got {self.non_linearity!r}")
         if self.init_weights not in (True, False):
             raise ValueError(f"AdapterConfig.init_weights must be True or False, got {self.init_weights!r}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
 
     def bottleneck_for(self, width: int) -> int:
         """The bottleneck width for a sub-block with output width ``width``."""
@@ -113,7 +95,7 @@ class AdapterConfig(PeftConfig):
         return max(1, int(width // self.reduction_factor))
 
 
-class BottleneckAdapterLayer(AdapterLayer):
+class BottleneckAdapterLayer(LinearAdapterLayer):
     """A linear layer followed by a residual bottleneck adapter: ``y = W x + b; y + up(act(down(y)))``.
 
     Args:
@@ -129,21 +111,13 @@ class BottleneckAdapterLayer(AdapterLayer):
     adapter_parameter_names = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
 
     def __init__(self, base: nn.Module, *, bottleneck: int, non_linearity: str, init_weights: bool) -> None:
-        super().__init__()
-        self.fan_in_fan_out = Conv1D is not None and isinstance(base, Conv1D)
-        weight: nn.Parameter = base.weight
-        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
-        self.weight = weight
-        self.bias = base.bias
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        super().__init__(base)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.adapter_down = nn.Linear(self.out_features, bottleneck, **factory)
         self.adapter_act = _ACTIVATIONS[non_linearity]()
         self.adapter_up = nn.Linear(bottleneck, self.out_features, **factory)
         self.non_linearity = non_linearity
         self._init(init_weights)
-        self.adapter_enabled = True
-        # Kept out of the module tree (no duplicate state-dict entries); handed back by restore_base().
-        self.__dict__["_base_layer"] = base
 
     @torch.no_grad()
     def _init(self, init_weights: bool) -> None:
@@ -155,86 +129,29 @@ class BottleneckAdapterLayer(AdapterLayer):
         nn.init.zeros_(self.adapter_up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.t() if self.fan_in_fan_out else self.weight  # [out, in]
-        h = nn.functional.linear(x, weight, self.bias)  # (*, out)
-        if not self.adapter_enabled:
+        h = self.base_forward(x)  # (*, out)
+        if not self.adapter_active():
             return h
         return h + self.adapter_up(self.adapter_act(self.adapter_down(h)))  # residual around the bottleneck
 
-    def restore_base(self) -> nn.Module:
-        base = self.__dict__["_base_layer"]
-        base.weight, base.bias = self.weight, self.bias  # in case .to() replaced the Parameters
-        return base
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bottleneck={self.adapter_down.out_features}, non_linearity={self.non_linearity}")
+    def adapter_repr(self) -> str:
+        return f"bottleneck={self.adapter_down.out_features}, non_linearity={self.non_linearity}"
 
 
 @register_tuner("BOTTLENECK_ADAPTER")
-class AdapterTuner(ModuleReplacementTuner):
+class AdapterTuner(LayerReplacementTuner):
     """Puts :class:`BottleneckAdapterLayer` wrappers on the sub-block outputs of every block."""
 
     config: AdapterConfig
 
-    def _target_names(self, model: nn.Module) -> list[str]:
+    def default_targets(self, model: nn.Module) -> list[str]:
+        """The output projections of each block's sub-blocks (feed-forward; and attention for Houlsby)."""
+        houlsby = self.config.placement == "houlsby"
+        # raises, naming what it looked for, when the architecture is unknown
+        return [name for _, attn, ffn in block_output_projections(model) for name in ((attn, ffn) if houlsby else (ffn,))]
+
+    def make_layer(self, name: str, base: nn.Module) -> BottleneckAdapterLayer:
         cfg = self.config
-        wanted = set(cfg.layers_to_transform) if cfg.layers_to_transform is not None else None
-        if cfg.target_modules is not None:
-            names = [n for n, _ in model.named_modules() if n]
-            targets = match_module_names(names, cfg.target_modules)
-            if wanted is not None:
-                blocks = sorted(((b, i) for b, i, _ in find_blocks(model)), key=lambda t: -len(t[0]))
-                index = {t: next((i for b, i in blocks if t.startswith(b + ".")), None) for t in targets}
-                targets = [t for t in targets if index[t] in wanted]
-            if not targets:
-                raise ValueError(
-                    f"AdapterConfig.target_modules={cfg.target_modules!r} matched no module of {type(model).__name__}"
-                    + (f" in layers {cfg.layers_to_transform}" if wanted is not None else "")
-                    + f". Linear layers it has: {describe_available_modules(model, _LINEAR_TYPES)}"
-                )
-        else:
-            targets = []
-            for index, attn, ffn in block_output_projections(model):  # raises naming what it looked for
-                if wanted is None or index in wanted:
-                    targets += [attn, ffn] if cfg.placement == "houlsby" else [ffn]
-            if not targets:
-                raise ValueError(f"layers_to_transform={cfg.layers_to_transform} selects no block of {type(model).__name__}")
-        if cfg.modules_to_save:
-            trained_whole = set(match_module_names([n for n, _ in model.named_modules() if n], list(cfg.modules_to_save)))
-            targets = [t for t in targets if t not in trained_whole]
-        return targets
-
-    def build_replacements(self, model: nn.Module) -> dict[str, AdapterLayer]:
-        cfg = self.config
-        targets = self._target_names(model)
-        unsupported = [(t, type(model.get_submodule(t)).__name__) for t in targets if not isinstance(model.get_submodule(t), _LINEAR_TYPES)]
-        if unsupported:
-            shown = ", ".join(f"{n} ({k})" for n, k in unsupported[:5])
-            raise TypeError(
-                f"bottleneck adapters wrap the output projection (nn.Linear / Conv1D) of a sub-block, but got: {shown}. "
-                f"Name linear layers in target_modules, e.g. one of: {describe_available_modules(model, _LINEAR_TYPES)}"
-            )
-        replacements: dict[str, AdapterLayer] = {}
-        for name in targets:
-            base = model.get_submodule(name)
-            width = base.weight.shape[1] if (Conv1D is not None and isinstance(base, Conv1D)) else base.weight.shape[0]
-            replacements[name] = BottleneckAdapterLayer(
-                base, bottleneck=cfg.bottleneck_for(width), non_linearity=cfg.non_linearity, init_weights=cfg.init_weights
-            )
-        return replacements
-
-    def adapter_layers(self, model: nn.Module) -> list[BottleneckAdapterLayer]:
-        return [layer for _, layer in self.layers(model)]  # type: ignore[misc]
-
-    @contextmanager
-    def disabled(self, model: nn.Module) -> Iterator[None]:
-        """Run the base model alone (every adapter skipped); restored on exit."""
-        layers = self.adapter_layers(model)
-        try:
-            for layer in layers:
-                layer.adapter_enabled = False
-            yield
-        finally:
-            for layer in layers:
-                layer.adapter_enabled = True
+        width = base.weight.shape[1] if is_fan_in_fan_out(base) else base.weight.shape[0]  # output width
+        return BottleneckAdapterLayer(base, bottleneck=cfg.bottleneck_for(width), non_linearity=cfg.non_linearity,
+                                      init_weights=cfg.init_weights)

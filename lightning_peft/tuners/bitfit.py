@@ -10,20 +10,19 @@ them back) the same meaning as for the other methods; ``merge_and_unload()`` kee
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_peft.tuners.config import PeftConfig, register_config
-from lightning_peft.tuners.injection import Tuner, match_module_names, register_tuner
+from lightning_peft.tuners.injection import Tuner, register_tuner
+from lightning_peft.tuners.targets import match_module_names
 
 __all__ = ["BitFitConfig", "BitFitTuner"]
 
 
 @register_config
-@dataclass
 class BitFitConfig(PeftConfig):
     """BitFit settings (not part of HF peft).
 
@@ -39,6 +38,7 @@ class BitFitConfig(PeftConfig):
     """
 
     peft_type = "BITFIT"
+    method_name = "BitFit"
     target_modules: Optional[Union[list[str], str]] = None
 
     def validate(self) -> None:
@@ -58,6 +58,13 @@ class BitFitTuner(Tuner):
 
     config: BitFitConfig
     can_merge = True  # the trained biases are always "merged"; unmerge() puts the originals back
+
+    def __init__(self, config: BitFitConfig) -> None:
+        super().__init__(config)
+        self.bias_names: list[str] = []  # the adapter: these bias parameters of the model
+        self.originals: dict[str, torch.Tensor] = {}  # their values at injection (disable / unload)
+        self.stashed: dict[str, torch.Tensor] = {}  # the trained values while unmerged
+        self.merged = True  # the model holds the trained biases
 
     def inject(self, model: nn.Module) -> None:
         cfg = self.config
@@ -79,8 +86,6 @@ class BitFitTuner(Tuner):
         self.bias_names = [f"{owner}.bias" if owner else "bias" for owner in owners]
         params = dict(model.named_parameters(remove_duplicate=False))
         self.originals = {name: params[name].detach().clone() for name in self.bias_names}
-        self.stashed: dict[str, torch.Tensor] = {}
-        self.merged = True
 
     def adapter_parameter_names(self, model: nn.Module) -> list[str]:
         return list(self.bias_names)

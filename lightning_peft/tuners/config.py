@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, TypeVar, Union
 
-__all__ = ["PeftConfig", "config_from_dict", "register_config"]
+from typing_extensions import dataclass_transform
+
+__all__ = ["PeftConfig", "LayerTargetsConfig", "config_from_dict", "register_config"]
 
 _CONFIG_CLASSES: dict[str, type["PeftConfig"]] = {}
 
 
-def register_config(cls: type["PeftConfig"]) -> type["PeftConfig"]:
-    """Class decorator: make ``config_from_dict`` know a config class by its ``peft_type``."""
+ConfigT = TypeVar("ConfigT", bound=type)
+
+
+@dataclass_transform()
+def register_config(cls: ConfigT) -> ConfigT:
+    """Class decorator of a method's config: make it a dataclass and let ``config_from_dict`` find it by ``peft_type``."""
+    cls = dataclass(cls)
     _CONFIG_CLASSES[cls.peft_type] = cls
     return cls
 
@@ -30,6 +37,7 @@ class PeftConfig:
     """
 
     peft_type: ClassVar[str] = ""
+    method_name: ClassVar[str] = ""  # the method's name in messages, e.g. "LoRA"
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     modules_to_save: Optional[list[str]] = None
@@ -51,6 +59,32 @@ class PeftConfig:
         """Raise ValueError naming the bad field and the fix. Subclasses extend this."""
         if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+
+
+@dataclass
+class LayerTargetsConfig(PeftConfig):
+    """The target fields of methods that adapt chosen layers (LoRA, bottleneck adapters), with peft's names.
+
+    Args:
+        target_modules: module names or suffixes (list), a regex matching whole names (str), or
+            ``"all-linear"`` (every linear layer except the output head), as in peft.
+        exclude_modules: names / suffixes (list) or a regex (str) of modules to leave alone.
+        layers_to_transform: only adapt modules inside the blocks with these indices.
+        layers_pattern: the name(s) of the block container (default: layers, h, layer, blocks, block).
+    """
+
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            if isinstance(getattr(self, name), (set, tuple)):
+                setattr(self, name, sorted(getattr(self, name)))
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
 
 
 def _plain(value: Any) -> Any:

@@ -1,25 +1,23 @@
 """The one injection mechanism every method shares: find modules, swap them atomically, freeze, undo.
 
-A method plugs in by subclassing :class:`Tuner`. Module-replacing methods (LoRA, bottleneck
-adapters) subclass :class:`ModuleReplacementTuner` and only say which modules they target and
-what to put there. Everything else — refusing a second injection, freezing the base, unfreezing
-what the method declares, ``modules_to_save``, leaving the model untouched when anything fails,
-the adapter state dict — lives here once.
+A method plugs in by subclassing :class:`Tuner` (layer-replacing methods through
+:class:`~lightning_peft.tuners.layers.LayerReplacementTuner`). Everything else — refusing a second
+injection, freezing the base, unfreezing what the method declares, ``modules_to_save``, leaving the
+model untouched when anything fails, the adapter state dict, the dropout RNG offsets — lives here once.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Union
+from typing import Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.tuners.config import PeftConfig
+from lightning_peft.tuners.targets import match_module_names
 
 __all__ = [
     "AdapterLayer",
@@ -32,10 +30,6 @@ __all__ = [
     "adapter_state_dict",
     "load_adapter_state_dict",
     "advance_dropout_rng",
-    "match_module_names",
-    "describe_available_modules",
-    "register_forward_kwargs_hook",
-    "remove_forward_kwargs_hook",
 ]
 
 _TUNER_ATTR = "_lightning_peft_tuner"
@@ -55,6 +49,8 @@ class AdapterLayer(nn.Module):
 
     adapter_parameter_names: ClassVar[tuple[str, ...]] = ()
     adapter_buffer_names: ClassVar[tuple[str, ...]] = ()
+    #: Those of ``adapter_buffer_names`` that are ``int64 [2]`` (seed, offset) dropout keys.
+    dropout_rng_buffer_names: ClassVar[tuple[str, ...]] = ()
 
     def restore_base(self) -> nn.Module:
         """Return the base module to put back in this layer's place (with any merged weights)."""
@@ -82,19 +78,26 @@ def register_tuner(peft_type: str) -> Callable[[type["Tuner"]], type["Tuner"]]:
 class Tuner(ABC):
     """One method's way of adapting a model. Built from a config; stored on the model it adapted.
 
-    Contract: :meth:`inject` either adapts the model completely or raises and leaves it exactly as
-    it was; :meth:`unload` undoes :meth:`inject`. Parameter names are relative to the root
-    module passed to :func:`inject_adapter`.
+    Contract: :meth:`inject` either adapts the model's structure completely or raises and leaves
+    it exactly as it was; :meth:`unload` undoes it. Freezing, ``modules_to_save``, the RNG hook
+    and the bookkeeping are done by :meth:`attach` / :meth:`detach`, the same for every method.
+    Parameter names are relative to the root module passed to :func:`inject_adapter`.
     """
 
     can_merge: ClassVar[bool] = False  # whether merge()/unmerge() are implemented
 
     def __init__(self, config: PeftConfig) -> None:
         self.config = config
+        #: ``requires_grad`` of every parameter before injection (``remove_adapter(restore_requires_grad=True)``).
+        self.requires_grad_before: dict[str, bool] = {}
+        #: The root's forward pre-hook that advances the dropout RNG, when the tuner advances it itself.
+        self.rng_hook: Optional[RemovableHandle] = None
+
+    # ---- what a method implements
 
     @abstractmethod
     def inject(self, model: nn.Module) -> None:
-        """Adapt ``model`` in place (atomically)."""
+        """Adapt ``model``'s structure in place (atomically)."""
 
     @abstractmethod
     def unload(self, model: nn.Module) -> None:
@@ -130,17 +133,78 @@ class Tuner(ABC):
         raise TypeError(f"{self.config.peft_type} adapters cannot be disabled")
         yield
 
+    def fit_to_peft_state(self, model: nn.Module, peft_state: dict[str, torch.Tensor]) -> None:
+        """Before loading a peft file's tensors: adjust the adapter's structure to what the file holds.
+
+        Default: nothing. Called once by :func:`~lightning_peft.serialization.load_adapter`.
+        """
+
     def to_peft_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Our adapter state dict -> HF peft's file keys (``base_model.model.`` prefix)."""
+        """Our adapter state dict -> HF peft's file keys (``base_model.model.`` prefix). Keys only."""
         return {PEFT_PREFIX + k: v for k, v in state.items()}
 
     def from_peft_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Inverse of :meth:`to_peft_state_dict`."""
+        """Inverse of :meth:`to_peft_state_dict`. Keys only."""
         return {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
+
+    # ---- shared by every method
+
+    def saved_parameter_names(self, model: nn.Module) -> list[str]:
+        """Every parameter the adapter trains and saves: the adapter's, its extra trainables, ``modules_to_save``."""
+        names = set(self.adapter_parameter_names(model)) | set(self.extra_trainable_parameter_names(model))
+        return sorted(names | set(_modules_to_save_parameter_names(model, self.config)))
+
+    def attach(self, model: nn.Module, *, advance_rng_on_forward: bool) -> None:
+        """Inject, freeze all but :meth:`saved_parameter_names`, and record the tuner on ``model``.
+
+        Either all of it happens or ``model`` is left exactly as it was.
+        """
+        self.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.inject(model)
+        try:
+            trainable = set() if self.config.inference_mode else set(self.saved_parameter_names(model))
+            for name, param in model.named_parameters():
+                param.requires_grad_(name in trainable)
+            self.set_rng_advance_on_forward(model, advance_rng_on_forward)
+            model.__dict__[_TUNER_ATTR] = self
+            # Mark every submodule too: the tuner lives on the root, so without the mark a second method
+            # injected into a *submodule* (e.g. the HF model inside an adapted LightningModule) would not
+            # see that an enclosing module is already adapted by a method that adds no layers (BitFit).
+            for module in model.modules():
+                module.__dict__[_ADAPTED_BY_ATTR] = self.config.peft_type
+        except BaseException:
+            self.detach(model, restore_requires_grad=True)
+            raise
+
+    def detach(self, model: nn.Module, *, restore_requires_grad: bool) -> None:
+        """Undo :meth:`attach`: base modules back, hook and marks removed (merged weights stay merged)."""
+        self.unload(model)
+        if restore_requires_grad:
+            for name, param in model.named_parameters():
+                param.requires_grad_(self.requires_grad_before.get(name, param.requires_grad))
+        self.set_rng_advance_on_forward(model, False)
+        model.__dict__.pop(_TUNER_ATTR, None)
+        for module in model.modules():
+            module.__dict__.pop(_ADAPTED_BY_ATTR, None)
+
+    def set_rng_advance_on_forward(self, model: nn.Module, enabled: bool) -> None:
+        """Advance the dropout RNG at each training-mode forward of ``model`` (a pre-hook on it), or stop.
+
+        A training loop that advances it itself once per step (the Lightning callback) turns this off.
+        """
+        if self.rng_hook is not None:
+            self.rng_hook.remove()
+            self.rng_hook = None
+        if enabled:
+            self.rng_hook = model.register_forward_pre_hook(_advance_rng_hook)
 
 
 class ModuleReplacementTuner(Tuner):
     """A tuner that swaps target modules for :class:`AdapterLayer` instances."""
+
+    def __init__(self, config: PeftConfig) -> None:
+        super().__init__(config)
+        self.layer_names: list[str] = []  # where the adapter layers are, set by inject()
 
     @abstractmethod
     def build_replacements(self, model: nn.Module) -> dict[str, AdapterLayer]:
@@ -173,6 +237,9 @@ class ModuleReplacementTuner(Tuner):
     def adapter_buffer_names(self, model: nn.Module) -> list[str]:
         return [f"{name}.{b}" for name, layer in self.layers(model) for b in layer.adapter_buffer_names]
 
+    def dropout_rng_buffers(self, model: nn.Module) -> list[torch.Tensor]:
+        return [getattr(layer, b) for _, layer in self.layers(model) for b in layer.dropout_rng_buffer_names]
+
     def to_peft_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # peft wraps the base layer ("<layer>.base_layer.bias"); our layers own weight/bias directly.
         owned = {f"{name}.{p}": f"{name}.base_layer.{p}" for name in self.layer_names for p in ("weight", "bias")}
@@ -187,26 +254,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def match_module_names(
-    names: Iterable[str], targets: Union[str, list[str], None]
-) -> list[str]:
-    """peft's target semantics: a string is a regex that must match the whole name; a list holds
-    names or suffixes (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``)."""
-    if targets is None:
-        return []
-    if isinstance(targets, str):
-        pattern = re.compile(targets)
-        return [n for n in names if pattern.fullmatch(n)]
-    return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
-
-
-def describe_available_modules(model: nn.Module, kinds: tuple[type, ...] = (nn.Linear,), limit: int = 12) -> str:
-    """A short list of module names a user could target, for error messages."""
-    leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, kinds)})
-    shown = ", ".join(leaves[:limit]) + (", ..." if len(leaves) > limit else "")
-    return shown or "(none)"
 
 
 def get_tuner(model: nn.Module) -> Optional[Tuner]:
@@ -264,29 +311,7 @@ def inject_adapter(model: nn.Module, config: PeftConfig, *, advance_rng_on_forwa
     if config.peft_type not in _TUNER_CLASSES:
         raise ValueError(f"no tuner registered for peft_type {config.peft_type!r}")
     tuner = _TUNER_CLASSES[config.peft_type](config)
-    requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
-    tuner.inject(model)
-    try:
-        saved = set(tuner.adapter_parameter_names(model))
-        saved |= set(tuner.extra_trainable_parameter_names(model))
-        saved |= set(_modules_to_save_parameter_names(model, config))
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in saved and not config.inference_mode)
-        tuner.saved_parameter_names = sorted(saved)
-        tuner.requires_grad_before = requires_grad_before
-        if advance_rng_on_forward:
-            tuner.rng_hook = model.register_forward_pre_hook(_advance_rng_hook)
-        model.__dict__[_TUNER_ATTR] = tuner
-        # Mark every submodule too: the tuner lives on the root, so without the mark a second method
-        # injected into a *submodule* (e.g. the HF model inside an adapted LightningModule) would not
-        # see that an enclosing module is already adapted by a method that adds no layers (BitFit).
-        for module in model.modules():
-            module.__dict__[_ADAPTED_BY_ATTR] = config.peft_type
-    except BaseException:
-        tuner.unload(model)
-        for name, param in model.named_parameters():
-            param.requires_grad_(requires_grad_before.get(name, param.requires_grad))
-        raise
+    tuner.attach(model, advance_rng_on_forward=advance_rng_on_forward)
     return tuner
 
 
@@ -310,17 +335,7 @@ def remove_adapter(model: nn.Module, *, restore_requires_grad: bool = False) -> 
     Merged weights stay merged. Base parameters stay frozen unless ``restore_requires_grad``,
     which puts back the flags they had before injection. Returns ``model``.
     """
-    tuner = _require_tuner(model)
-    tuner.unload(model)
-    if restore_requires_grad:
-        for name, param in model.named_parameters():
-            param.requires_grad_(tuner.requires_grad_before.get(name, param.requires_grad))
-    hook = getattr(tuner, "rng_hook", None)
-    if hook is not None:
-        hook.remove()
-    del model.__dict__[_TUNER_ATTR]
-    for module in model.modules():
-        module.__dict__.pop(_ADAPTED_BY_ATTR, None)
+    _require_tuner(model).detach(model, restore_requires_grad=restore_requires_grad)
     return model
 
 
@@ -357,7 +372,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Keys are the model's own state-dict keys (relative to the root passed to ``inject_adapter``).
     """
     tuner = _require_tuner(model)
-    wanted = set(tuner.saved_parameter_names) | set(tuner.adapter_buffer_names(model))
+    wanted = set(tuner.saved_parameter_names(model)) | set(tuner.adapter_buffer_names(model))
     return {k: v for k, v in model.state_dict().items() if k in wanted}
 
 
@@ -369,7 +384,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     """
     tuner = _require_tuner(model)
     own = model.state_dict()
-    expected = set(tuner.saved_parameter_names) | set(tuner.adapter_buffer_names(model))
+    expected = set(tuner.saved_parameter_names(model)) | set(tuner.adapter_buffer_names(model))
     optional = set(tuner.adapter_buffer_names(model))  # RNG state may be absent (e.g. peft files)
     missing = sorted(expected - set(state) - optional)
     unexpected = sorted(set(state) - expected)
@@ -393,53 +408,3 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
 def _few(items: list[str], limit: int = 6) -> str:
     return "[" + ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "") + "]"
-
-
-_KWARGS_HOOK_ATTR = "_lightning_peft_rewrite"
-
-
-def register_forward_kwargs_hook(
-    module: nn.Module, rewrite: Callable[[nn.Module, dict[str, Any]], dict[str, Any]]
-) -> RemovableHandle:
-    """Let ``rewrite(module, kwargs) -> kwargs`` edit every call's arguments before ``module.forward``.
-
-    For methods that change a model's *inputs* rather than its layers (prompt tuning prepends
-    virtual-token embeddings, prefix tuning passes a pre-filled KV cache), so that they work the
-    same whether the model is called through ``PeftModel``, directly after in-place injection
-    (the Lightning callback), or from ``generate()``. Positional arguments are bound to their
-    parameter names first, so ``rewrite`` always sees one dict (``input_ids``, ``attention_mask``, ...).
-
-    ``rewrite`` should be a module-level function that reads its state from ``module`` (not a
-    closure over a tuner): a ``copy.deepcopy`` of the model keeps the hook function but copies the
-    modules, so state read from ``module`` stays the copy's own.
-
-    Args:
-        module: the module whose calls are rewritten.
-        rewrite: ``(module, kwargs) -> kwargs``; may return the dict it was given, edited.
-
-    Returns:
-        The hook handle; :func:`remove_forward_kwargs_hook` also removes it without the handle.
-    """
-    params = inspect.signature(module.forward).parameters.values()
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        if len(args) > len(positional):
-            raise TypeError(f"{type(mod).__name__}.forward() takes {len(positional)} positional arguments but {len(args)} were given")
-        bound = dict(zip(positional, args))
-        clash = sorted(set(bound) & set(kwargs))
-        if clash:
-            raise TypeError(f"{type(mod).__name__}.forward() got multiple values for {clash}")
-        bound.update(kwargs)
-        return (), rewrite(mod, bound)
-
-    setattr(hook, _KWARGS_HOOK_ATTR, rewrite)
-    return module.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def remove_forward_kwargs_hook(module: nn.Module, rewrite: Callable[..., Any]) -> None:
-    """Remove the hooks :func:`register_forward_kwargs_hook` registered on ``module`` with ``rewrite``."""
-    for key, hook in list(module._forward_pre_hooks.items()):
-        if getattr(hook, _KWARGS_HOOK_ATTR, None) is rewrite:
-            del module._forward_pre_hooks[key]
-            module._forward_pre_hooks_with_kwargs.pop(key, None)

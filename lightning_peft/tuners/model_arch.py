@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
@@ -24,6 +24,7 @@ __all__ = [
     "cache_kwarg_name",
     "kv_geometry",
     "find_blocks",
+    "block_index",
     "block_output_projections",
 ]
 
@@ -143,24 +144,31 @@ def kv_geometry(model: nn.Module) -> KVGeometry:
     return KVGeometry(num_layers=layers, kv_heads=kv_heads, head_dim=head_dim)
 
 
-def _block_regex() -> re.Pattern[str]:
-    containers = "|".join(re.escape(c) for c in BLOCK_CONTAINER_NAMES)
-    return re.compile(rf"(?:^|\.)(?:{containers})\.(\d+)$")
+def _block_regex(containers: Sequence[str]) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(c) for c in containers)
+    return re.compile(rf"(?:^|\.)(?:{alternatives})\.(\d+)$")
 
 
-def find_blocks(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
+def find_blocks(model: nn.Module, containers: Optional[Sequence[str]] = None) -> list[tuple[str, int, nn.Module]]:
     """Every transformer block: ``(name, index in its container, module)`` in model order.
 
-    A block is an element of an ``nn.ModuleList`` named one of :data:`BLOCK_CONTAINER_NAMES`.
+    A block is an element of an ``nn.ModuleList`` / ``nn.Sequential`` named one of ``containers``
+    (default :data:`BLOCK_CONTAINER_NAMES`).
     """
-    pattern = _block_regex()
+    pattern = _block_regex(containers or BLOCK_CONTAINER_NAMES)
     modules = dict(model.named_modules())
     blocks = []
     for name, module in modules.items():
         match = pattern.search(name)
-        if match and isinstance(modules.get(name.rsplit(".", 1)[0]), nn.ModuleList):
+        if match and isinstance(modules.get(name.rsplit(".", 1)[0]), (nn.ModuleList, nn.Sequential)):
             blocks.append((name, int(match.group(1)), module))
     return blocks
+
+
+def block_index(blocks: list[tuple[str, int, nn.Module]], name: str) -> Optional[int]:
+    """The index of the innermost block of ``blocks`` (from :func:`find_blocks`) holding module ``name``; None outside."""
+    inside = [(len(block), index) for block, index, _ in blocks if name.startswith(block + ".") or name == block]
+    return max(inside)[1] if inside else None
 
 
 def block_output_projections(model: nn.Module) -> list[tuple[int, str, str]]:

@@ -16,7 +16,6 @@ stored: rotary embeddings are not applied to them, exactly as for cached keys in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
@@ -25,22 +24,13 @@ from torch import nn
 from lightning_peft.tuners.config import register_config
 from lightning_peft.tuners.injection import register_tuner
 from lightning_peft.tuners.model_arch import KVGeometry, cache_kwarg_name, kv_geometry
-from lightning_peft.tuners.prompt_learning import (
-    ENCODER_ATTR,
-    PromptLearningConfig,
-    PromptLearningTuner,
-    VirtualTokens,
-    batch_size_of,
-    cache_length,
-    extend_attention_mask,
-    pop_cache,
-)
+from lightning_peft.tuners.prompt_learning import PromptLearningConfig, PromptLearningTuner, VirtualTokens
+from lightning_peft.tuners.prompt_learning import batch_size_of, cache_length
 
 __all__ = ["PrefixTuningConfig", "PrefixEncoder", "PrefixTuner"]
 
 
 @register_config
-@dataclass
 class PrefixTuningConfig(PromptLearningConfig):
     """Prefix tuning settings, with HF peft's names.
 
@@ -61,6 +51,7 @@ class PrefixTuningConfig(PromptLearningConfig):
     """
 
     peft_type = "PREFIX_TUNING"
+    method_name = "prefix tuning"
     encoder_hidden_size: Optional[int] = None
     prefix_projection: bool = False
     init_weights: Optional[Literal["zero"]] = None
@@ -154,6 +145,28 @@ class PrefixEncoder(VirtualTokens):
         del self.transform
         self.prefix_projection = False
 
+    def rewrite_inputs(self, module: nn.Module, kwargs: dict[str, Any], cache: Any) -> dict[str, Any]:
+        """Prefixes into the cache, positions shifted past them."""
+        if module.training and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules()):
+            # transformers' checkpointed layers drop the cache (a replay would write it twice), and with it the
+            # prefixes; some models (GPT-2) drop it in training mode even without gradients
+            raise RuntimeError(
+                f"prefix tuning reaches the attention of {type(module).__name__} through the KV cache, which transformers "
+                "drops in layers that use gradient checkpointing. Call model.gradient_checkpointing_disable(), or use "
+                "prompt tuning, LoRA or bottleneck adapters with gradient checkpointing"
+            )
+        if cache_length(cache) == 0:  # no cache, or generate()'s fresh one: start it with the prefixes
+            if cache is None:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=module.config)
+            for layer, (key, value) in enumerate(self.key_values(batch_size_of(kwargs, type(module).__name__), _model_dtype(module))):
+                cache.update(key, value, layer)
+        kwargs[self.cache_kwarg] = cache
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + self.num_virtual_tokens
+        return kwargs
+
     def extra_repr(self) -> str:
         g = self.geometry
         return (f"num_virtual_tokens={self.num_virtual_tokens}, layers={g.num_layers}, kv_heads={g.kv_heads}, "
@@ -172,7 +185,6 @@ class PrefixTuner(PromptLearningTuner):
     """Attaches a :class:`PrefixEncoder` to the backbone and feeds it in as a KV cache."""
 
     config: PrefixTuningConfig
-    method_name = "prefix tuning"
 
     def hook_target(self, hf_model: nn.Module) -> nn.Module:
         # The backbone takes the cache even where the task head does not (BertForSequenceClassification).
@@ -208,45 +220,10 @@ class PrefixTuner(PromptLearningTuner):
             dtype=torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype,
         )
 
-    def from_peft_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """peft's keys -> ours. A peft file of a projected prefix holds only the projected table: loaded for
-        inference, the encoder becomes that plain (frozen) table; loaded to train, it is refused (see
+    def fit_to_peft_state(self, model: nn.Module, peft_state: dict[str, torch.Tensor]) -> None:
+        """A peft file of a projected prefix holds only the projected table: loaded for inference, the
+        encoder becomes that plain (frozen) table; loaded to train, the key conversion refuses it (see
         :meth:`PrefixEncoder.load_peft_embeddings_key`)."""
         encoder = self.encoder(model)
-        if "prompt_embeddings" in state and encoder.prefix_projection and self.config.inference_mode:
-            old = set(self.adapter_parameter_names(model))
+        if "prompt_embeddings" in peft_state and encoder.prefix_projection and self.config.inference_mode:
             encoder.to_plain_table()
-            # what load_adapter_state_dict expects: the new table instead of the MLP
-            self.saved_parameter_names = sorted((set(self.saved_parameter_names) - old) | set(self.adapter_parameter_names(model)))
-        return super().from_peft_state_dict(model, state)
-
-    @staticmethod
-    def rewrite(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Pre-hook body: prefixes into the cache, mask and positions shifted past them."""
-        encoder: PrefixEncoder = getattr(module, ENCODER_ATTR)
-        if not encoder.active:
-            return kwargs
-        name = type(module).__name__
-        p = encoder.num_virtual_tokens
-        if module.training and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules()):
-            # transformers' checkpointed layers drop the cache (a replay would write it twice), and with it the
-            # prefixes; some models (GPT-2) drop it in training mode even without gradients
-            raise RuntimeError(
-                f"prefix tuning reaches the attention of {name} through the KV cache, which transformers drops in layers "
-                "that use gradient checkpointing. Call model.gradient_checkpointing_disable(), or use prompt tuning, "
-                "LoRA or bottleneck adapters with gradient checkpointing"
-            )
-        cache = pop_cache(kwargs)
-        if cache_length(cache) == 0:  # no cache, or generate()'s fresh one: start it with the prefixes
-            if cache is None:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=module.config)
-            for layer, (key, value) in enumerate(encoder.key_values(batch_size_of(kwargs, name), _model_dtype(module))):
-                cache.update(key, value, layer)
-        kwargs[encoder.cache_kwarg] = cache
-        if "attention_mask" in kwargs:
-            kwargs["attention_mask"] = extend_attention_mask(kwargs["attention_mask"], p, name)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + p
-        return kwargs

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -22,16 +22,8 @@ from torch import nn
 from lightning_peft.tuners.config import register_config
 from lightning_peft.tuners.injection import register_tuner
 from lightning_peft.tuners.model_arch import cache_kwarg_name
-from lightning_peft.tuners.prompt_learning import (
-    ENCODER_ATTR,
-    PromptLearningConfig,
-    PromptLearningTuner,
-    VirtualTokens,
-    batch_size_of,
-    cache_length,
-    extend_attention_mask,
-    pop_cache,
-)
+from lightning_peft.tuners.prompt_learning import PromptLearningConfig, PromptLearningTuner, VirtualTokens
+from lightning_peft.tuners.prompt_learning import batch_size_of, cache_length
 
 __all__ = ["PromptTuningConfig", "PromptTuningInit", "PromptEmbedding", "PromptTuner"]
 
@@ -40,7 +32,6 @@ _INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
 
 @register_config
-@dataclass
 class PromptTuningConfig(PromptLearningConfig):
     """Prompt tuning settings, with HF peft's names.
 
@@ -64,6 +55,7 @@ class PromptTuningConfig(PromptLearningConfig):
     """
 
     peft_type = "PROMPT_TUNING"
+    method_name = "prompt tuning"
     prompt_tuning_init: Union[PromptTuningInit, str] = "RANDOM"
     prompt_tuning_init_text: Optional[str] = None
     tokenizer_name_or_path: Optional[str] = None
@@ -118,6 +110,35 @@ class PromptEmbedding(VirtualTokens):
     def load_peft_embeddings_key(self) -> str:
         return "embedding.weight"
 
+    def rewrite_inputs(self, module: nn.Module, kwargs: dict[str, Any], cache: Any) -> dict[str, Any]:
+        """Virtual tokens in front of the input; labels, token types and positions extended to match."""
+        p = self.num_virtual_tokens
+        if cache is not None:
+            kwargs[self.cache_kwarg or "past_key_values"] = cache
+        positions = kwargs.get("position_ids")
+        if cache_length(cache) > 0:  # continuing: the cache already holds the virtual tokens
+            if positions is not None:
+                kwargs["position_ids"] = positions + p
+            return kwargs
+        batch = batch_size_of(kwargs, type(module).__name__)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = module.get_input_embeddings()(kwargs["input_ids"])
+        seq = embeds.shape[1]
+        kwargs["input_ids"] = None
+        kwargs["inputs_embeds"] = torch.cat((self.prompts(batch, embeds.dtype), embeds), dim=1)
+        labels = kwargs.get("labels")
+        if self.token_labels and isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == seq:
+            pad = torch.full((labels.shape[0], p, *labels.shape[2:]), -100, dtype=labels.dtype, device=labels.device)
+            kwargs["labels"] = torch.cat((pad, labels), dim=1)
+        token_types = kwargs.get("token_type_ids")
+        if token_types is not None:
+            kwargs["token_type_ids"] = torch.cat((torch.zeros_like(token_types[:, :1]).expand(-1, p), token_types), dim=1)
+        if positions is not None:
+            front = torch.arange(p, dtype=positions.dtype, device=positions.device).expand(*positions.shape[:-1], p)
+            kwargs["position_ids"] = torch.cat((front, positions + p), dim=-1)
+        return kwargs
+
 
 def _init_token_ids(cfg: PromptTuningConfig, vocab_size: int) -> Optional[torch.Tensor]:
     """Token ids whose embeddings initialise the prompt (None: random init)."""
@@ -149,7 +170,6 @@ class PromptTuner(PromptLearningTuner):
     """Attaches a :class:`PromptEmbedding` to the model and prepends it to every input."""
 
     config: PromptTuningConfig
-    method_name = "prompt tuning"
 
     def hook_target(self, hf_model: nn.Module) -> nn.Module:
         params = inspect.signature(hf_model.forward).parameters
@@ -174,41 +194,3 @@ class PromptTuner(PromptLearningTuner):
             with torch.no_grad():
                 table.embedding.weight.copy_(embeddings(ids.to(embeddings.weight.device)).float())
         return table
-
-    @staticmethod
-    def rewrite(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Pre-hook body: virtual tokens in front of the input, aligned arguments extended."""
-        table: PromptEmbedding = getattr(module, ENCODER_ATTR)
-        if not table.active:
-            return kwargs
-        name = type(module).__name__
-        p = table.num_virtual_tokens
-        cache = pop_cache(kwargs)
-        if cache is not None:
-            kwargs[table.cache_kwarg or "past_key_values"] = cache
-        if "attention_mask" in kwargs:
-            kwargs["attention_mask"] = extend_attention_mask(kwargs["attention_mask"], p, name)
-        positions = kwargs.get("position_ids")
-        if cache_length(cache) > 0:  # continuing: the cache already holds the virtual tokens
-            if positions is not None:
-                kwargs["position_ids"] = positions + p
-            return kwargs
-        batch = batch_size_of(kwargs, name)
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            embeds = module.get_input_embeddings()(kwargs["input_ids"])
-        seq = embeds.shape[1]
-        kwargs["input_ids"] = None
-        kwargs["inputs_embeds"] = torch.cat((table.prompts(batch, embeds.dtype), embeds), dim=1)
-        labels = kwargs.get("labels")
-        if table.token_labels and isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == seq:
-            pad = torch.full((labels.shape[0], p, *labels.shape[2:]), -100, dtype=labels.dtype, device=labels.device)
-            kwargs["labels"] = torch.cat((pad, labels), dim=1)
-        token_types = kwargs.get("token_type_ids")
-        if token_types is not None:
-            kwargs["token_type_ids"] = torch.cat((torch.zeros_like(token_types[:, :1]).expand(-1, p), token_types), dim=1)
-        if positions is not None:
-            front = torch.arange(p, dtype=positions.dtype, device=positions.device).expand(*positions.shape[:-1], p)
-            kwargs["position_ids"] = torch.cat((front, positions + p), dim=-1)
-        return kwargs
-

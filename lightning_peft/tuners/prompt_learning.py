@@ -2,7 +2,7 @@
 
 Both methods change a model's *inputs* instead of its layers. A virtual-token table (an
 :class:`~lightning_peft.tuners.injection.AdapterModule`) is attached to the transformers model and
-a forward pre-hook (:func:`~lightning_peft.tuners.injection.register_forward_kwargs_hook`) rewrites
+a forward pre-hook (:func:`register_forward_kwargs_hook` with :func:`rewrite_call`) rewrites
 each call's arguments, so the adapter works identically through ``PeftModel``, after in-place
 injection into a LightningModule (the Lightning callback), and inside ``generate()``. The hook
 reads everything it needs from the module it is registered on, so deep copies stay independent.
@@ -13,6 +13,7 @@ consumes them), plus ``base_model.<name>`` for ``modules_to_save``.
 
 from __future__ import annotations
 
+import inspect
 from abc import abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,14 +21,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.tuners.config import PeftConfig
-from lightning_peft.tuners.injection import (
-    AdapterModule,
-    Tuner,
-    register_forward_kwargs_hook,
-    remove_forward_kwargs_hook,
-)
+from lightning_peft.tuners.injection import AdapterModule, Tuner
 from lightning_peft.tuners.model_arch import find_transformers_model
 
 __all__ = [
@@ -39,6 +36,9 @@ __all__ = [
     "batch_size_of",
     "pop_cache",
     "cache_length",
+    "rewrite_call",
+    "register_forward_kwargs_hook",
+    "remove_forward_kwargs_hook",
 ]
 
 #: Attribute name of the virtual-token module on the hooked model (peft's name for it).
@@ -118,6 +118,15 @@ class VirtualTokens(AdapterModule):
     def load_peft_embeddings_key(self) -> str:
         """Our key (relative to this module) that peft's ``prompt_embeddings`` loads into."""
 
+    @abstractmethod
+    def rewrite_inputs(self, module: nn.Module, kwargs: dict[str, Any], cache: Any) -> dict[str, Any]:
+        """The method's part of a call's rewrite (see :func:`rewrite_call`).
+
+        Args:
+            module: the hooked module; kwargs: its call's arguments, the attention mask already
+                extended and the KV cache popped; cache: that cache (None when the call had none).
+        """
+
 
 def extend_attention_mask(mask: Optional[torch.Tensor], num_virtual: int, model_name: str) -> Optional[torch.Tensor]:
     """Prepend ``num_virtual`` attended positions to the key axis of an attention mask.
@@ -180,16 +189,82 @@ def cache_length(cache: Any) -> int:
     )
 
 
+def rewrite_call(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The forward pre-hook body of both methods: what they share, then the table's own part.
+
+    Reads everything from ``module`` (its ``prompt_encoder``), so deep copies of a model stay independent.
+    """
+    encoder: VirtualTokens = getattr(module, ENCODER_ATTR)
+    if not encoder.active:
+        return kwargs
+    cache = pop_cache(kwargs)
+    if "attention_mask" in kwargs:
+        kwargs["attention_mask"] = extend_attention_mask(kwargs["attention_mask"], encoder.num_virtual_tokens, type(module).__name__)
+    return encoder.rewrite_inputs(module, kwargs, cache)
+
+
+_KWARGS_HOOK_ATTR = "_lightning_peft_rewrite"
+
+
+def register_forward_kwargs_hook(
+    module: nn.Module, rewrite: Callable[[nn.Module, dict[str, Any]], dict[str, Any]]
+) -> RemovableHandle:
+    """Let ``rewrite(module, kwargs) -> kwargs`` edit every call's arguments before ``module.forward``.
+
+    For methods that change a model's *inputs* rather than its layers (prompt tuning prepends
+    virtual-token embeddings, prefix tuning passes a pre-filled KV cache), so that they work the
+    same whether the model is called through ``PeftModel``, directly after in-place injection
+    (the Lightning callback), or from ``generate()``. Positional arguments are bound to their
+    parameter names first, so ``rewrite`` always sees one dict (``input_ids``, ``attention_mask``, ...).
+
+    ``rewrite`` should be a module-level function that reads its state from ``module`` (not a
+    closure over a tuner): a ``copy.deepcopy`` of the model keeps the hook function but copies the
+    modules, so state read from ``module`` stays the copy's own.
+
+    Args:
+        module: the module whose calls are rewritten.
+        rewrite: ``(module, kwargs) -> kwargs``; may return the dict it was given, edited.
+
+    Returns:
+        The hook handle; :func:`remove_forward_kwargs_hook` also removes it without the handle.
+    """
+    params = inspect.signature(module.forward).parameters.values()
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if len(args) > len(positional):
+            raise TypeError(f"{type(mod).__name__}.forward() takes {len(positional)} positional arguments but {len(args)} were given")
+        bound = dict(zip(positional, args))
+        clash = sorted(set(bound) & set(kwargs))
+        if clash:
+            raise TypeError(f"{type(mod).__name__}.forward() got multiple values for {clash}")
+        bound.update(kwargs)
+        return (), rewrite(mod, bound)
+
+    setattr(hook, _KWARGS_HOOK_ATTR, rewrite)
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def remove_forward_kwargs_hook(module: nn.Module, rewrite: Callable[..., Any]) -> None:
+    """Remove the hooks :func:`register_forward_kwargs_hook` registered on ``module`` with ``rewrite``."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if getattr(hook, _KWARGS_HOOK_ATTR, None) is rewrite:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
 class PromptLearningTuner(Tuner):
     """Attach a :class:`VirtualTokens` module and a kwargs hook; undo both on unload.
 
-    Subclasses say which module to hook (:meth:`hook_target`), build the table
-    (:meth:`build_encoder`), and give the rewrite function (:attr:`rewrite`).
+    Subclasses say which module to hook (:meth:`hook_target`) and build the table
+    (:meth:`build_encoder`), whose ``rewrite_inputs`` does the method's part of each call.
     """
 
     config: PromptLearningConfig
-    method_name: str = ""
-    rewrite: Callable[[nn.Module, dict[str, Any]], dict[str, Any]]
+
+    def __init__(self, config: PromptLearningConfig) -> None:
+        super().__init__(config)
+        self.target_name = ""  # the hooked module (owner of the virtual-token table), relative to the root
 
     @abstractmethod
     def hook_target(self, hf_model: nn.Module) -> nn.Module:
@@ -202,10 +277,10 @@ class PromptLearningTuner(Tuner):
 
     def _locate(self, model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
         """``(transformers model, hooked module, hooked module's name relative to the root)``."""
-        hf_name, hf_model = find_transformers_model(model, self.method_name)
+        hf_name, hf_model = find_transformers_model(model, self.config.method_name)
         if getattr(hf_model.config, "is_encoder_decoder", False):
             raise TypeError(
-                f"{self.method_name} supports decoder-only and encoder-only models; {type(hf_model).__name__} is an "
+                f"{self.config.method_name} supports decoder-only and encoder-only models; {type(hf_model).__name__} is an "
                 "encoder-decoder model. Use LoRA or bottleneck adapters for it"
             )
         target = self.hook_target(hf_model)
@@ -215,10 +290,10 @@ class PromptLearningTuner(Tuner):
     def inject(self, model: nn.Module) -> None:
         hf_model, target, name = self._locate(model)  # may raise: nothing changed yet
         if ENCODER_ATTR in target._modules or hasattr(target, ENCODER_ATTR):
-            raise ValueError(f"{type(target).__name__} already has an attribute {ENCODER_ATTR!r}; cannot attach {self.method_name}")
+            raise ValueError(f"{type(target).__name__} already has an attribute {ENCODER_ATTR!r}; cannot attach {self.config.method_name}")
         encoder = self.build_encoder(hf_model, target)  # may raise: nothing changed yet
         target.add_module(ENCODER_ATTR, encoder)  # from here on nothing fails
-        register_forward_kwargs_hook(target, type(self).rewrite)
+        register_forward_kwargs_hook(target, rewrite_call)
         self.target_name = name
 
     def _target(self, model: nn.Module) -> nn.Module:
@@ -232,7 +307,7 @@ class PromptLearningTuner(Tuner):
 
     def unload(self, model: nn.Module) -> None:
         target = self._target(model)
-        remove_forward_kwargs_hook(target, type(self).rewrite)
+        remove_forward_kwargs_hook(target, rewrite_call)
         if ENCODER_ATTR in target._modules:
             del target._modules[ENCODER_ATTR]
 
@@ -252,7 +327,7 @@ class PromptLearningTuner(Tuner):
     # ---- peft's file format: one tensor "prompt_embeddings" + "base_model.<key>" for modules_to_save ----
 
     def _hf_prefix(self, model: nn.Module) -> str:
-        hf_name, _ = find_transformers_model(model, self.method_name)
+        hf_name, _ = find_transformers_model(model, self.config.method_name)
         return hf_name + "." if hf_name else ""
 
     def to_peft_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
