@@ -2,7 +2,7 @@
 
 from lightning_peft.peft_model import PeftModel, count_parameters, format_trainable_parameters, get_peft_model
 from lightning_peft.serialization import load_adapter, read_adapter_config, save_adapter
-from lightning_peft.tuners import AdapterConfig, BitFitConfig, LoraConfig, LoraLinear, PeftConfig
+from lightning_peft.tuners import AdapterConfig, BitFitConfig, IA3Config, LoraConfig, LoraLinear, PeftConfig
 from lightning_peft.tuners import PrefixTuningConfig, PromptTuningConfig, get_tuner, inject_adapter, remove_adapter
 from lightning_peft.tuners import adapter_state_dict, advance_dropout_rng, load_adapter_state_dict
 
@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # configs of the methods (HF peft's names)
-    "PeftConfig", "LoraConfig", "AdapterConfig", "PrefixTuningConfig", "PromptTuningConfig", "BitFitConfig",
+    "PeftConfig", "LoraConfig", "IA3Config", "AdapterConfig", "PrefixTuningConfig", "PromptTuningConfig", "BitFitConfig",
     # peft's model API
     "PeftModel", "get_peft_model", "count_parameters", "format_trainable_parameters",
     # adapters on any nn.Module, without the wrapper

@@ -15,6 +15,7 @@ from test_bitfit import biased_llama
 from lightning_peft import (
     AdapterConfig,
     BitFitConfig,
+    IA3Config,
     LoraConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -33,6 +34,7 @@ CONFIGS = {
     "prefix_projection": lambda: PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=16),
     "prompt": lambda: PromptTuningConfig(num_virtual_tokens=P, prompt_tuning_init="SAMPLE_VOCAB"),
     "bitfit": lambda: BitFitConfig(),
+    "ia3": lambda: IA3Config(),  # peft's default targets for each model type
 }
 MODELS = {"llama_gqa": lambda: tiny_llama(kv_heads=2), "llama_bias": biased_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
@@ -53,6 +55,10 @@ def expected_trainable(method: str, model: torch.nn.Module) -> int:
         return P * kv + (kv * 16 + 16) + (16 * layers * 2 * kv + layers * 2 * kv)
     if method == "prompt":
         return P * d
+    if method == "ia3":  # an output vector per key/value (GPT-2: fused qkv) target, an input vector per feed-forward one
+        inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d
+        per_layer = {"llama": 2 * kv + inner, "gpt2": 3 * d + inner, "bert": 3 * d + inner}[cfg.model_type]
+        return layers * per_layer
     return sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
 
 

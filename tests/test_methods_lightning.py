@@ -1,4 +1,4 @@
-"""The four added methods through PEFTCallback: training on an unchanged LightningModule,
+"""The added methods through PEFTCallback: training on an unchanged LightningModule,
 adapter-only checkpoints holding exactly the adapter, exact resume on a freshly built base model."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ LIGHTNING = {
     "prompt": (CONFIGS["prompt"], "model"),
     "prompt_whole_module": (CONFIGS["prompt"], None),  # inject into the LightningModule itself
     "bitfit": (CONFIGS["bitfit"], "model"),
+    "ia3": (CONFIGS["ia3"], "model"),
 }
 
 
@@ -48,7 +49,7 @@ def test_lightning_callback_adapter_only_checkpoint_and_exact_resume(tmp_path, n
     # only the adapter is in the checkpoint, and it is exactly what the tuner declares
     assert set(ckpt["state_dict"]) == {prefix + k for k in adapter_state_dict(target)}
     assert ckpt["lightning_peft"]["peft_config"]["peft_type"] == config().peft_type
-    assert all(re.search(r"prompt_encoder|adapter_|\.bias$", k) for k in ckpt["state_dict"])
+    assert all(re.search(r"prompt_encoder|adapter_|\.bias$|\.ia3_l$", k) for k in ckpt["state_dict"])
 
     # the checkpoint alone puts the trained adapter onto a freshly built base model
     fresh = load_peft_checkpoint(LlamaModule(model=biased_llama()), tmp_path / "ref" / "epoch=1.ckpt")

@@ -16,6 +16,7 @@ from lightning_peft.tuners.injection import (
 from lightning_peft.tuners.layers import LayerReplacementTuner, LinearAdapterLayer
 from lightning_peft.tuners.adapter import AdapterConfig, AdapterTuner, BottleneckAdapterLayer
 from lightning_peft.tuners.bitfit import BitFitConfig, BitFitTuner
+from lightning_peft.tuners.ia3 import IA3Config, IA3Linear, IA3Tuner
 from lightning_peft.tuners.lora import LoraConfig, LoraLinear, LoraTuner
 from lightning_peft.tuners.prefix import PrefixEncoder, PrefixTuner, PrefixTuningConfig
 from lightning_peft.tuners.prompt import PromptEmbedding, PromptTuner, PromptTuningConfig
@@ -36,6 +37,9 @@ __all__ = [
     "adapter_state_dict",
     "load_adapter_state_dict",
     "advance_dropout_rng",
+    "IA3Config",
+    "IA3Linear",
+    "IA3Tuner",
     "LoraConfig",
     "LoraLinear",
     "LoraTuner",

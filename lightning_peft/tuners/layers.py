@@ -101,8 +101,9 @@ class LinearAdapterLayer(AdapterLayer):
         raise TypeError(f"{type(self).__name__} cannot be merged into the base weight")
 
     def _compute_dtype(self) -> torch.dtype:
-        # Half-precision add/sub on CPU loses more than needed: do the arithmetic in fp32.
-        return torch.float32 if self.weight.device.type == "cpu" else self.weight.dtype
+        # Half-precision arithmetic on CPU loses more than needed: do it in fp32 there.
+        half = self.weight.dtype in (torch.float16, torch.bfloat16)
+        return torch.float32 if half and self.weight.device.type == "cpu" else self.weight.dtype
 
     @torch.no_grad()
     def check_mergeable(self) -> None:
@@ -113,6 +114,9 @@ class LinearAdapterLayer(AdapterLayer):
                 f"merging the {type(self).__name__} layer ({self.extra_repr()}) would put NaN/inf into its weight "
                 "(broken adapter weights, or an overflow in this dtype); nothing was merged"
             )
+
+    def check_unmergeable(self) -> None:
+        """Raise ValueError if :meth:`unmerge` cannot restore the base weight (writes nothing)."""
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -189,7 +193,11 @@ class LayerReplacementTuner(ModuleReplacementTuner):
     def unmerge(self, model: nn.Module) -> None:
         if not self.can_merge:
             super().unmerge(model)
-        for layer in self.adapter_layers(model):
+        layers = self.adapter_layers(model)
+        for layer in layers:  # check all first, so a refusal leaves every weight untouched
+            if layer.merged:
+                layer.check_unmergeable()
+        for layer in layers:
             layer.unmerge()
 
     @contextmanager
