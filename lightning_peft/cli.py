@@ -42,6 +42,7 @@ from typing_extensions import override
 
 # importing the callback also lets jsonargparse accept any PeftConfig subclass for `peft_config`
 from lightning_peft.lightning.callback import PEFTCallback
+from lightning_peft.optim import loraplus_param_groups
 
 __all__ = ["PEFTLightningCLI", "main"]
 
@@ -63,6 +64,11 @@ class PEFTLightningCLI(LightningCLI):
         # an optional top-level `peft:` section ({class_path: lightning_peft.PEFTCallback, init_args: ...}) that
         # is added to the trainer's callbacks; easier to override from the command line than a list item
         parser.add_lightning_class_args(PEFTCallback, "peft", subclass_mode=True, required=False)
+        parser.add_argument(
+            "--loraplus_lr_ratio", type=Optional[float], default=None,
+            help="LoRA+: build --optimizer with LoRA's B matrices at this multiple of its learning rate (peft's "
+            "create_loraplus_optimizer groups); the optimizer's weight_decay applies as loraplus_weight_decay",
+        )
 
     @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
@@ -92,7 +98,9 @@ class PEFTLightningCLI(LightningCLI):
                 f"`{type(self.model).__name__}.configure_optimizers` will be overridden by the optimizer given to "
                 f"{type(self).__name__} (--optimizer)"
             )
-        fn = partial(_configure_optimizers_lazily, cli=self, optimizer_init=optimizer_init, scheduler_init=scheduler_init)
+        ratio = self._get(self.config_init, "loraplus_lr_ratio")
+        fn = partial(_configure_optimizers_lazily, cli=self, optimizer_init=optimizer_init, scheduler_init=scheduler_init,
+                     loraplus_lr_ratio=ratio)
         update_wrapper(fn, self.configure_optimizers)  # Lightning's is_overridden follows __wrapped__
         self.model.configure_optimizers = MethodType(fn, self.model)
 
@@ -112,14 +120,25 @@ def _init_with_class_path(class_type: Union[type, tuple], init: Any) -> Any:
 
 
 def _configure_optimizers_lazily(
-    lightning_module: LightningModule, *, cli: PEFTLightningCLI, optimizer_init: Any, scheduler_init: Any
+    lightning_module: LightningModule,
+    *,
+    cli: PEFTLightningCLI,
+    optimizer_init: Any,
+    scheduler_init: Any,
+    loraplus_lr_ratio: Optional[float] = None,
 ) -> Any:
-    params = [p for p in lightning_module.parameters() if p.requires_grad]
+    params: Any = [p for p in lightning_module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(
             f"{type(lightning_module).__name__} has no trainable parameters when the optimizer is built; "
             "add lightning_peft.PEFTCallback to trainer.callbacks (or unfreeze something)"
         )
+    if loraplus_lr_ratio is not None:
+        init_args = optimizer_init.get("init_args", {})
+        if init_args.get("lr") is None:
+            raise ValueError("--loraplus_lr_ratio needs the optimizer's learning rate: set --optimizer.init_args.lr (A's rate)")
+        params = loraplus_param_groups(lightning_module, lr=init_args["lr"], loraplus_lr_ratio=loraplus_lr_ratio,
+                                       loraplus_weight_decay=init_args.get("weight_decay", 0.0))
     optimizer = instantiate_class(params, optimizer_init)
     scheduler = instantiate_class(optimizer, scheduler_init) if scheduler_init else None
     return cli.configure_optimizers(lightning_module, optimizer, scheduler)
