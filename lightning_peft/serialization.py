@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_peft.tuners.config import PeftConfig, config_from_dict
 from lightning_peft.tuners.injection import adapter_state_dict, get_tuner, inject_adapter, load_adapter_state_dict
+from lightning_peft.tuners.layers import EmbeddingAdapterLayer
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "atomic_write", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
 
@@ -104,14 +105,33 @@ def load_adapter(model: nn.Module, directory: str, *, is_trainable: bool = False
     tuner = inject_adapter(model, config)
     try:
         tuner.fit_to_peft_state(model, raw)
-        state = tuner.from_peft_state_dict(model, raw)
-        load_adapter_state_dict(model, {k: v.to(_param_device(model)) for k, v in state.items()})
+        state = {k: v.to(_param_device(model)) for k, v in tuner.from_peft_state_dict(model, raw).items()}
+        embeddings = _embedding_weights_saved_with_adapter(model, state)
+        load_adapter_state_dict(model, {k: v for k, v in state.items() if k not in embeddings})
+        with torch.no_grad():
+            own = model.state_dict()
+            for key, value in embeddings.items():
+                own[key].copy_(value)
     except BaseException:
         from lightning_peft.tuners.injection import remove_adapter
 
         remove_adapter(model, restore_requires_grad=True)
         raise
     return config
+
+
+def _embedding_weights_saved_with_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base embedding / output-layer weights in a peft file (peft saves them beside the adapter when the
+    vocabulary was resized, ``save_embedding_layers``): loaded into the base as they are."""
+    tuner = get_tuner(model)
+    assert tuner is not None
+    adapter_keys = set(tuner.saved_parameter_names(model)) | set(tuner.adapter_buffer_names(model))
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    tables = {name for name, m in model.named_modules() if isinstance(m, (nn.Embedding, EmbeddingAdapterLayer)) or m is output}
+    own = model.state_dict()
+    return {k: v for k, v in state.items()
+            if k not in adapter_keys and k.rpartition(".")[0] in tables and k in own and own[k].shape == v.shape}
 
 
 def _param_device(model: nn.Module) -> torch.device:

@@ -184,10 +184,10 @@ def test_plain_module_with_all_linear_skips_the_head():
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
         ({"lora_dropout": -0.1}, r"lora_dropout must be in \[0, 1\)"),
         ({"bias": "some"}, "bias must be 'none', 'all' or 'lora_only'"),
-        ({"target_modules": ["nonexistent"]}, r"matched no module .* could be adapted \(nn.Linear, Conv1D\): .*q_proj"),
+        ({"target_modules": ["nonexistent"]}, r"matched no module .* could be adapted \(nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d\): .*q_proj"),
         ({"target_modules": None}, "target_modules is not set"),
         ({"target_modules": ["self_attn"]}, r"can adapt nn.Linear.*self_attn \(LlamaAttention\)"),
-        ({"target_modules": ["embed_tokens"]}, r"Embedding"),
+        ({"target_modules": ["norm"]}, r"can adapt nn.Linear.*norm \(LlamaRMSNorm\)"),
     ],
 )
 def test_bad_input_clear_error_and_model_untouched(kwargs, message):

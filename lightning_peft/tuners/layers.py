@@ -28,7 +28,16 @@ from lightning_peft.tuners.config import LayerTargetsConfig
 from lightning_peft.tuners.injection import AdapterLayer, ModuleReplacementTuner
 from lightning_peft.tuners.targets import check_target_types, matched_targets, narrow_targets, no_target_message
 
-__all__ = ["Conv1D", "LINEAR_TYPES", "is_fan_in_fan_out", "LinearAdapterLayer", "LayerReplacementTuner"]
+__all__ = [
+    "Conv1D",
+    "LINEAR_TYPES",
+    "is_fan_in_fan_out",
+    "BaseLayerAdapter",
+    "LinearAdapterLayer",
+    "EmbeddingAdapterLayer",
+    "ConvAdapterLayer",
+    "LayerReplacementTuner",
+]
 
 try:  # GPT-2 style layers store weight as [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -44,15 +53,17 @@ def is_fan_in_fan_out(base: nn.Module) -> bool:
     return Conv1D is not None and isinstance(base, Conv1D)
 
 
-class LinearAdapterLayer(AdapterLayer):
-    """An adapter layer in place of an ``nn.Linear`` / ``Conv1D``, owning the base ``weight`` and ``bias``.
+class BaseLayerAdapter(AdapterLayer):
+    """An adapter layer in place of a base layer, owning the base ``weight`` (and ``bias``, if any).
 
     Args:
-        base: the layer being adapted; its Parameters become this layer's (same objects).
+        base: the layer being adapted; its Parameters become this layer's (same objects, so tied
+            weights stay tied and base state-dict keys do not change).
 
-    Input ``[*, in_features]``, output ``[*, out_features]``. ``merged``: the adapter is folded into
-    ``weight`` (forward then runs the base computation only). ``adapter_enabled``: False inside
-    ``disable_adapter()``.
+    ``merged``: the adapter is folded into ``weight`` (forward then runs the base computation
+    only). ``adapter_enabled``: False inside ``disable_adapter()``. Subclasses per base layer kind
+    implement :meth:`base_forward` with the owned Parameters (never through the stored base module,
+    whose attributes a wrapper such as FSDP does not update).
     """
 
     #: Whether :meth:`delta_weight` exists, i.e. the adapter can be folded into the base weight.
@@ -60,23 +71,16 @@ class LinearAdapterLayer(AdapterLayer):
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
-        weight: nn.Parameter = base.weight
-        self.fan_in_fan_out = is_fan_in_fan_out(base)
-        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
-        self.weight = weight
-        self.bias = base.bias
+        self.weight: nn.Parameter = base.weight
+        self.bias = getattr(base, "bias", None)
         self.merged = False
         self.adapter_enabled = True
         # Kept out of the module tree (no duplicate state-dict entries); handed back by restore_base().
         self.__dict__["_base_layer"] = base
 
-    def base_weight(self) -> torch.Tensor:
-        """The base weight as ``[out, in]`` (a transposed view for Conv1D)."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
-
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's output ``[*, out]`` for ``x [*, in]``."""
-        return nn.functional.linear(x, self.base_weight(), self.bias)
+        """The base layer's output for ``x``, computed with this layer's ``weight`` / ``bias``."""
+        raise NotImplementedError
 
     def adapter_active(self) -> bool:
         """Whether forward should add the adapter (not merged in, not disabled)."""
@@ -85,9 +89,6 @@ class LinearAdapterLayer(AdapterLayer):
     def adapter_repr(self) -> str:
         """The adapter's settings for ``repr`` (e.g. ``"r=8, scaling=2"``)."""
         return ""
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.adapter_repr()}, merged={self.merged}"
 
     def restore_base(self) -> nn.Module:
         base = self.__dict__["_base_layer"]
@@ -133,6 +134,63 @@ class LinearAdapterLayer(AdapterLayer):
             self.merged = False
 
 
+class LinearAdapterLayer(BaseLayerAdapter):
+    """In place of an ``nn.Linear`` / ``Conv1D``: input ``[*, in_features]``, output ``[*, out_features]``."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self.fan_in_fan_out = is_fan_in_fan_out(base)
+        self.out_features, self.in_features = self.weight.shape[::-1] if self.fan_in_fan_out else self.weight.shape
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a transposed view for Conv1D)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.base_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.adapter_repr()}, merged={self.merged}"
+
+
+class EmbeddingAdapterLayer(BaseLayerAdapter):
+    """In place of an ``nn.Embedding``: ids ``[*]`` -> ``[*, embedding_dim]`` (``weight [num_embeddings, dim]``)."""
+
+    def __init__(self, base: nn.Embedding) -> None:
+        super().__init__(base)
+        self.num_embeddings, self.embedding_dim = self.weight.shape
+        self.lookup = dict(padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+                           scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+
+    def embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """``table``'s rows at ``ids``, looked up with the base embedding's settings."""
+        return nn.functional.embedding(ids, table, **self.lookup)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.adapter_repr()}, merged={self.merged}"
+
+
+class ConvAdapterLayer(BaseLayerAdapter):
+    """In place of an ``nn.Conv1d`` / ``nn.Conv2d`` (``weight [out, in / groups, *kernel]``)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self.in_channels, self.out_channels = base.in_channels, base.out_channels
+        self.conv_kind = type(base)
+        self.conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the base's own convolution (padding modes and all), with the weight and bias this layer owns
+        return self.__dict__["_base_layer"]._conv_forward(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        kernel = tuple(self.weight.shape[2:])
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={kernel}, {self.adapter_repr()}, merged={self.merged}"
+
+
 class LayerReplacementTuner(ModuleReplacementTuner):
     """A tuner that puts a :class:`LinearAdapterLayer` in place of each target linear layer.
 
@@ -141,6 +199,8 @@ class LayerReplacementTuner(ModuleReplacementTuner):
     """
 
     config: LayerTargetsConfig
+    #: The base layer types the method can take the place of.
+    layer_types: ClassVar[tuple[type, ...]] = LINEAR_TYPES
 
     def __init__(self, config: LayerTargetsConfig) -> None:
         super().__init__(config)
@@ -151,7 +211,7 @@ class LayerReplacementTuner(ModuleReplacementTuner):
         raise ValueError(f"{type(self.config).__name__}.target_modules is not set: name the layers to adapt")
 
     @abstractmethod
-    def make_layer(self, name: str, base: nn.Module) -> LinearAdapterLayer:
+    def make_layer(self, name: str, base: nn.Module) -> BaseLayerAdapter:
         """The adapter layer to put in place of the linear layer ``name``."""
 
     def target_names(self, model: nn.Module) -> list[str]:
@@ -163,8 +223,8 @@ class LayerReplacementTuner(ModuleReplacementTuner):
             names, what = matched_targets(model, cfg.target_modules, LINEAR_TYPES), None
         names = narrow_targets(model, names, cfg)
         if not names:
-            raise ValueError(no_target_message(model, cfg, LINEAR_TYPES, what))
-        check_target_types(model, names, LINEAR_TYPES, method=self.config.method_name, hint="Name the linear layers inside them instead")
+            raise ValueError(no_target_message(model, cfg, self.layer_types, what))
+        check_target_types(model, names, self.layer_types, method=self.config.method_name, hint="Name the layers inside them instead")
         return names
 
     def build_replacements(self, model: nn.Module) -> dict[str, AdapterLayer]:
@@ -178,7 +238,7 @@ class LayerReplacementTuner(ModuleReplacementTuner):
         self.can_merge = all(layer.can_merge for layer in replacements.values())  # type: ignore[misc]
         return replacements
 
-    def adapter_layers(self, model: nn.Module) -> list[LinearAdapterLayer]:
+    def adapter_layers(self, model: nn.Module) -> list[BaseLayerAdapter]:
         return [layer for _, layer in self.layers(model)]  # type: ignore[misc]
 
     def merge(self, model: nn.Module) -> None:

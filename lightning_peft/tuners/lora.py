@@ -19,7 +19,9 @@ from torch import nn
 from lightning_peft.ops import lora_linear
 from lightning_peft.tuners.config import LayerTargetsConfig, register_config
 from lightning_peft.tuners.injection import register_tuner
-from lightning_peft.tuners.layers import LayerReplacementTuner, LinearAdapterLayer
+from lightning_peft.tuners.layers import LINEAR_TYPES, BaseLayerAdapter, LayerReplacementTuner, LinearAdapterLayer
+from lightning_peft.tuners.lora_conv import LoraConv, check_conv_supported
+from lightning_peft.tuners.lora_embedding import LoraEmbedding
 
 __all__ = ["LoraConfig", "LoraLinear", "LoraTuner"]
 
@@ -144,14 +146,28 @@ class LoraLinear(LinearAdapterLayer):
 
 @register_tuner("LORA")
 class LoraTuner(LayerReplacementTuner):
-    """Puts :class:`LoraLinear` layers where ``LoraConfig.target_modules`` says."""
+    """Puts a LoRA layer where ``LoraConfig.target_modules`` says: :class:`LoraLinear` on linear layers,
+    :class:`~lightning_peft.tuners.lora_embedding.LoraEmbedding` on embeddings,
+    :class:`~lightning_peft.tuners.lora_conv.LoraConv` on 1-d / 2-d convolutions."""
 
     config: LoraConfig
+    layer_types = LINEAR_TYPES + (nn.Embedding, nn.Conv1d, nn.Conv2d)
 
-    def make_layer(self, name: str, base: nn.Module) -> LoraLinear:
+    def target_names(self, model: nn.Module) -> list[str]:
+        names = super().target_names(model)
+        for name in names:  # before any layer is built: a refusal leaves the model untouched
+            module = model.get_submodule(name)
+            if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+                check_conv_supported(name, module)
+        return names
+
+    def make_layer(self, name: str, base: nn.Module) -> BaseLayerAdapter:
         cfg = self.config
+        if isinstance(base, nn.Embedding):
+            return LoraEmbedding(base, r=cfg.r, scaling=cfg.scaling, init=cfg.init_lora_weights)
         seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: seed it for reproducible masks
-        return LoraLinear(base, r=cfg.r, scaling=cfg.scaling, dropout_p=cfg.lora_dropout, init=cfg.init_lora_weights, seed=seed)
+        kind = LoraConv if isinstance(base, (nn.Conv1d, nn.Conv2d)) else LoraLinear
+        return kind(base, r=cfg.r, scaling=cfg.scaling, dropout_p=cfg.lora_dropout, init=cfg.init_lora_weights, seed=seed)
 
     def extra_trainable_parameter_names(self, model: nn.Module) -> list[str]:
         if self.config.bias == "all":

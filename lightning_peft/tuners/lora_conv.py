@@ -1,0 +1,101 @@
+"""LoRA on ``nn.Conv1d`` / ``nn.Conv2d``, in peft's layout.
+
+``conv(x) + scaling · B(A(dropout(x)))`` where ``lora_A`` is a convolution ``in -> r`` with the base's
+kernel, stride and padding and ``lora_B`` a 1x1 convolution ``r -> out``, both without bias
+(peft's ``lora_A.weight [r, in, *kernel]`` / ``lora_B.weight [out, r, 1, ...]``). Merging adds
+``scaling · B ∘ A`` (``[out, in, *kernel]``). Grouped or dilated convolutions and padding modes
+other than zeros are refused: merging would not be exact (peft warns for groups and silently
+ignores dilation).
+
+Dropout masks are drawn from a generator keyed by the layer's ``(seed, offset)`` buffer, like
+the LoRA op's, so a resumed run repeats them; on a GPU the key is read on the host once per call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import nn
+
+from lightning_peft.tuners.layers import ConvAdapterLayer
+
+__all__ = ["LoraConv", "check_conv_supported"]
+
+_CONV_BY_DIMS = {3: nn.Conv1d, 4: nn.Conv2d}  # weight.dim() -> conv class
+
+
+def check_conv_supported(name: str, base: nn.Module) -> None:
+    """Raise ValueError naming what LoRA cannot adapt exactly in the convolution ``name``."""
+    problems = []
+    if base.groups != 1:
+        problems.append(f"groups={base.groups}")
+    if any(d != 1 for d in base.dilation):
+        problems.append(f"dilation={base.dilation}")
+    if base.padding_mode != "zeros":
+        problems.append(f"padding_mode={base.padding_mode!r}")
+    if problems:
+        raise ValueError(
+            f"LoRA supports plain convolutions (groups=1, dilation=1, zero padding), but {name} has "
+            f"{', '.join(problems)}; leave it out of target_modules (or add it to exclude_modules)"
+        )
+
+
+def _keyed_dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
+    """``x`` with each element dropped with probability ``p`` (kept ones scaled), the mask a function of ``rng``."""
+    seed, offset = (int(v) for v in rng.tolist())
+    generator = torch.Generator(device="cpu").manual_seed((seed * 0x9E3779B97F4A7C15 + offset) % (1 << 63))
+    keep = torch.rand(x.shape, generator=generator) >= p
+    return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
+
+
+class LoraConv(ConvAdapterLayer):
+    """A ``Conv1d`` / ``Conv2d`` with a LoRA branch.
+
+    Args:
+        base: the convolution being adapted (checked with :func:`check_conv_supported` first).
+        r, scaling, dropout_p: rank, multiplier, branch dropout probability.
+        init: ``True`` (A Kaiming-uniform, B zero) / ``"gaussian"`` (A normal, std 1/r) / ``False`` (random).
+        seed: key of this layer's dropout masks.
+    """
+
+    adapter_parameter_names = ("lora_A.weight", "lora_B.weight")
+    adapter_buffer_names = ("lora_rng",)
+    dropout_rng_buffer_names = ("lora_rng",)
+    can_merge = True
+
+    def __init__(self, base: nn.Module, *, r: int, scaling: float, dropout_p: float, init: Union[bool, str], seed: int) -> None:
+        super().__init__(base)
+        self.r, self.scaling, self.dropout_p = r, scaling, dropout_p
+        conv = _CONV_BY_DIMS[self.weight.dim()]
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        ones = (1,) * (self.weight.dim() - 2)
+        self.lora_A = conv(self.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False, **factory)
+        self.lora_B = conv(r, self.out_channels, ones, ones, bias=False, **factory)
+        if init is not False:
+            with torch.no_grad():
+                if init == "gaussian":
+                    nn.init.normal_(self.lora_A.weight, std=1.0 / r)
+                else:
+                    nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B.weight)
+        self.register_buffer("lora_rng", torch.tensor([seed, 0], dtype=torch.int64, device=self.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
+        if not self.adapter_active():
+            return out
+        if self.training and self.dropout_p > 0:
+            x = _keyed_dropout(x, self.dropout_p, self.lora_rng)
+        return out + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(out.dtype) * self.scaling
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · B ∘ A`` ``[out, in, *kernel]`` (fp32 math for half precision on CPU)."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        dtype = torch.float32 if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+        return torch.einsum("or,ri...->oi...", b.to(dtype).flatten(1), a.to(dtype)) * self.scaling
+
+    def adapter_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, dropout_p={self.dropout_p:g}"
