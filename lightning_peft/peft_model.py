@@ -106,9 +106,14 @@ class PeftModel(nn.Module):
 
         return adapter_state_dict(self.base_model)
 
-    def save_pretrained(self, save_directory: str, **_: Any) -> None:
-        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` in HF peft's format."""
-        save_adapter(self.base_model, save_directory, self.peft_config)
+    def save_pretrained(self, save_directory: str, path_initial_model_for_weight_conversion: Optional[str] = None, **_: Any) -> None:
+        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` in HF peft's format.
+
+        ``path_initial_model_for_weight_conversion``: save a PiSSA / OLoRA adapter as the equivalent plain
+        LoRA of the original weights (see :func:`~lightning_peft.serialization.save_adapter`).
+        """
+        save_adapter(self.base_model, save_directory, self.peft_config,
+                     path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, is_trainable: bool = False, **_: Any) -> "PeftModel":

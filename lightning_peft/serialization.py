@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,19 +55,45 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def save_adapter(model: nn.Module, directory: str, config: PeftConfig | None = None) -> None:
+def save_adapter(
+    model: nn.Module,
+    directory: str,
+    config: PeftConfig | None = None,
+    *,
+    path_initial_model_for_weight_conversion: Optional[str] = None,
+) -> None:
     """Write the adapter of an adapted ``model`` as a peft adapter directory.
 
     Args:
         model: the module passed to ``inject_adapter`` (or a ``PeftModel``'s ``base_model``).
         directory: created if needed.
         config: defaults to the config the model was adapted with.
+        path_initial_model_for_weight_conversion: peft's switch for PiSSA / OLoRA adapters (which
+            changed the base weights): when given, the file holds the equivalent ordinary LoRA of the
+            *original* weights (rank 2r). The starting factors are kept in memory, so unlike peft
+            nothing needs to have been saved at that path (it is not read or written).
+
+    Raises:
+        ValueError: a ``pissa_niter_<k>`` adapter saved without conversion (its randomized
+            initialisation cannot be repeated by whoever loads it), or conversion asked of another adapter.
     """
     tuner = get_tuner(model)
     if tuner is None:
         raise ValueError(f"{type(model).__name__} has no adapter to save; adapt it with get_peft_model() first")
     config = config or tuner.config
     state = {k: v for k, v in adapter_state_dict(model).items() if k not in set(tuner.adapter_buffer_names(model))}
+    init = getattr(config, "init_lora_weights", None)
+    if path_initial_model_for_weight_conversion is not None:
+        convert = getattr(tuner, "as_plain_lora", None)
+        if convert is None:
+            raise ValueError(f"path_initial_model_for_weight_conversion converts PiSSA / OLoRA LoRA adapters, not {config.peft_type}")
+        state, config = convert(model, state)
+    elif isinstance(init, str) and init.startswith("pissa_niter_"):
+        raise ValueError(
+            f"an adapter with init_lora_weights={init!r} only fits the residual weights its randomized SVD left in this "
+            "model, which a loader cannot recompute: save it with path_initial_model_for_weight_conversion=<any path> "
+            "(a plain LoRA of the original weights), or train with init_lora_weights='pissa'"
+        )
     peft_state = {k: v.detach().contiguous().cpu() for k, v in tuner.to_peft_state_dict(model, state).items()}
     config_dict: dict[str, Any] = dict(config.to_dict(), inference_mode=True)
     atomic_write(os.path.join(directory, ADAPTER_WEIGHTS_NAME), lambda p: save_file(peft_state, p, metadata={"format": "pt"}))

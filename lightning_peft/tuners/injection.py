@@ -160,6 +160,7 @@ class Tuner(ABC):
         Either all of it happens or ``model`` is left exactly as it was.
         """
         self.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        _modules_to_save_parameter_names(model, self.config)  # raises before inject, which may change base weights
         self.inject(model)
         try:
             trainable = set() if self.config.inference_mode else set(self.saved_parameter_names(model))

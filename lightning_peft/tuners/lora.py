@@ -10,6 +10,7 @@ The adapter is ``lora_A.weight`` / ``lora_B.weight`` (peft's key names) plus ``l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal, Union
 
@@ -22,8 +23,11 @@ from lightning_peft.tuners.injection import register_tuner
 from lightning_peft.tuners.layers import LINEAR_TYPES, BaseLayerAdapter, LayerReplacementTuner, LinearAdapterLayer
 from lightning_peft.tuners.lora_conv import LoraConv, check_conv_supported
 from lightning_peft.tuners.lora_embedding import LoraEmbedding
+from lightning_peft.tuners.lora_init import is_principal_init, principal_factors, to_plain_lora
 
 __all__ = ["LoraConfig", "LoraLinear", "LoraTuner"]
+
+_PRINCIPAL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # what PiSSA / OLoRA start from
 
 
 @register_config
@@ -43,8 +47,10 @@ class LoraConfig(LayerTargetsConfig):
             biases of the adapted layers).
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: the adapted model starts equal
-            to the base), ``"gaussian"`` (A normal with std 1/r, B zero) or ``False`` (A and B both
-            random: the adapted model starts different; for tests).
+            to the base), ``"gaussian"`` (A normal with std 1/r, B zero), ``"pissa"`` /
+            ``"pissa_niter_<k>"`` / ``"olora"`` (A and B from the base weight's principal directions,
+            which leave the base: see :mod:`~lightning_peft.tuners.lora_init`; linear layers only) or
+            ``False`` (A and B both random: the adapted model starts different; for tests).
         fan_in_fan_out: the target stores its weight as ``[in, out]``; read from the layer type
             (GPT-2 ``Conv1D``), so it only exists for peft compatibility.
     """
@@ -56,7 +62,7 @@ class LoraConfig(LayerTargetsConfig):
     lora_dropout: float = 0.0
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
-    init_lora_weights: Union[bool, Literal["gaussian"]] = True
+    init_lora_weights: Union[bool, str] = True
     fan_in_fan_out: bool = False
 
     def validate(self) -> None:
@@ -69,8 +75,11 @@ class LoraConfig(LayerTargetsConfig):
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}; use 0.0 to disable dropout")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if self.init_lora_weights not in (True, False, "gaussian") and not is_principal_init(self.init_lora_weights):
+            raise ValueError(
+                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora', "
+                f"got {self.init_lora_weights!r}"
+            )
         if self.target_modules is None:
             raise ValueError(
                 "LoraConfig.target_modules is not set: name the layers to adapt, e.g. "
@@ -113,6 +122,16 @@ class LoraLinear(LinearAdapterLayer):
     def _init_lora(self, init: Union[bool, str]) -> None:
         if init is False:
             return  # nn.Linear's default init for both: a deliberately non-identity start
+        if is_principal_init(init):
+            a, b = principal_factors(self.base_weight(), self.r, self.scaling, init)
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
+            residual = self.base_weight().to(a.dtype) - self.scaling * (b @ a)  # the base keeps the rest
+            self.base_weight().copy_(residual)
+            # the starting point, for saving as a plain LoRA of the original weights (not saved itself)
+            self.register_buffer("lora_A_initial", self.lora_A.weight.detach().clone(), persistent=False)
+            self.register_buffer("lora_B_initial", self.lora_B.weight.detach().clone(), persistent=False)
+            return
         if init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
         else:
@@ -155,10 +174,17 @@ class LoraTuner(LayerReplacementTuner):
 
     def target_names(self, model: nn.Module) -> list[str]:
         names = super().target_names(model)
+        principal = is_principal_init(self.config.init_lora_weights)
         for name in names:  # before any layer is built: a refusal leaves the model untouched
             module = model.get_submodule(name)
             if isinstance(module, (nn.Conv1d, nn.Conv2d)):
                 check_conv_supported(name, module)
+            if principal and not (isinstance(module, LINEAR_TYPES) and module.weight.dtype in _PRINCIPAL_DTYPES):
+                raise ValueError(
+                    f"init_lora_weights={self.config.init_lora_weights!r} initialises from the weight of linear layers in "
+                    f"floating point, but {name} is a {type(module).__name__} with {module.weight.dtype} weights; "
+                    "target only linear layers (or use init_lora_weights=True)"
+                )
         return names
 
     def make_layer(self, name: str, base: nn.Module) -> BaseLayerAdapter:
@@ -175,3 +201,22 @@ class LoraTuner(LayerReplacementTuner):
         if self.config.bias == "lora_only":
             return [f"{name}.bias" for name, layer in self.layers(model) if layer.bias is not None]
         return []
+
+    def as_plain_lora(self, model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+        """A PiSSA / OLoRA adapter state as an ordinary LoRA of the original weights (rank 2r), and its config.
+
+        peft's ``path_initial_model_for_weight_conversion`` conversion, from the starting factors each
+        layer kept (see :func:`~lightning_peft.tuners.lora_init.to_plain_lora`).
+        """
+        cfg = self.config
+        if not is_principal_init(cfg.init_lora_weights):
+            raise ValueError(
+                f"only adapters initialised with PiSSA / OLoRA convert to a plain LoRA (this one has "
+                f"init_lora_weights={cfg.init_lora_weights!r}); save it without path_initial_model_for_weight_conversion"
+            )
+        state = dict(state)
+        for name, layer in self.layers(model):
+            a, b = to_plain_lora(layer.lora_A.weight, layer.lora_B.weight, layer.lora_A_initial, layer.lora_B_initial)
+            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a.detach(), b.detach()
+        alpha = cfg.lora_alpha * (math.sqrt(2) if cfg.use_rslora else 2)  # the same scaling at twice the rank
+        return state, dataclasses.replace(cfg, r=2 * cfg.r, lora_alpha=alpha, init_lora_weights=True)
