@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any, Optional, TypeVar, Union
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,12 +43,20 @@ __all__ = [
     "resolve_model_attr",
     "same_config",
     "load_peft_checkpoint",
+    "is_sharded_checkpoint",
+    "read_sharded_checkpoint",
+    "check_sharded_checkpoint_complete",
+    "saved_state_metadata",
+    "SHARDED_METADATA_FILENAME",
 ]
 
 CHECKPOINT_METADATA_KEY = "lightning_peft"
 CHECKPOINT_FORMAT_VERSION = 1
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
+SHARDED_METADATA_FILENAME = "meta.pt"  # what Lightning's ModelParallelStrategy writes next to the DCP shards
+_DCP_METADATA = ".metadata"
+_STATE_PREFIX = "state_dict."  # DCP flattens {"state_dict": {key: tensor}} to "state_dict.<key>"
 
 
 def build_checkpoint_metadata(config: PeftConfig, model_attr: Optional[str], adapter_keys: list[str]) -> dict[str, Any]:
@@ -124,7 +135,9 @@ def load_peft_checkpoint(
             ``nn.Module``), or a LightningModule holding it. For a LightningModule the adapter
             goes where the callback put it (its recorded ``model_attr``); a LightningModule that
             builds its model in ``configure_model`` gets that called first.
-        checkpoint_path: a ``.ckpt`` written by a Trainer with ``PEFTCallback`` (full or weights-only).
+        checkpoint_path: a ``.ckpt`` written by a Trainer with ``PEFTCallback`` (full or weights-only),
+            or the directory of a sharded one (FSDP2's ``ModelParallelStrategy`` with
+            ``save_distributed_checkpoint=True``), gathered into full tensors here.
         is_trainable: keep the adapter trainable; by default nothing requires grad and the model
             is put in eval mode.
         map_location: passed to ``torch.load``; tensors are copied onto the model's devices anyway.
@@ -135,12 +148,15 @@ def load_peft_checkpoint(
         ``model`` itself, adapted in place.
 
     Raises:
-        ValueError: the file has no lightning_peft record, or its adapter does not fit the model
+        ValueError: the file has no lightning_peft record, a sharded directory lacks files, or its adapter does not fit the model
             (the message names the missing / unexpected keys and mismatching shapes). The model is
             left as it was.
     """
     path = os.fspath(checkpoint_path)
-    checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+    if os.path.isdir(path):  # a sharded checkpoint (FSDP2, save_distributed_checkpoint=True)
+        checkpoint = read_sharded_checkpoint(path, weights_only=weights_only)
+    else:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
     meta = read_checkpoint_metadata(checkpoint)
     if meta is None:
         raise ValueError(
@@ -180,6 +196,70 @@ def load_peft_checkpoint(
     if not is_trainable:
         model.eval()
     return model
+
+
+def is_sharded_checkpoint(path: Union[str, os.PathLike]) -> bool:
+    """A directory a ModelParallelStrategy wrote with ``save_distributed_checkpoint=True`` (possibly incomplete)."""
+    path = Path(path)
+    return path.is_dir() and ((path / _DCP_METADATA).exists() or (path / SHARDED_METADATA_FILENAME).exists())
+
+
+def check_sharded_checkpoint_complete(path: Path) -> Any:
+    """The DCP metadata of the directory ``path``, after checking that every shard file it names is there.
+
+    Raises:
+        ValueError: ``.metadata`` / ``meta.pt`` or shard files are missing.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    absent = [name for name in (_DCP_METADATA, SHARDED_METADATA_FILENAME) if not (path / name).exists()]
+    if absent:
+        raise ValueError(
+            f"{path} is not a complete sharded checkpoint: {', '.join(absent)} missing (a save that did not "
+            "finish, or a partial copy). Resume from another checkpoint"
+        )
+    metadata = FileSystemReader(os.fspath(path)).read_metadata()
+    files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise ValueError(
+            f"sharded checkpoint {path} is missing shard files {missing} (of {files}): it was not completely "
+            "written or copied. Nothing was loaded; resume from another checkpoint or copy the whole directory"
+        )
+    return metadata
+
+
+def saved_state_metadata(dcp_metadata: Any) -> dict[str, Any]:
+    """``{state-dict key: TensorStorageMetadata}`` of the model entries of a DCP checkpoint."""
+    return {k[len(_STATE_PREFIX):]: v for k, v in dcp_metadata.state_dict_metadata.items() if k.startswith(_STATE_PREFIX)}
+
+
+def read_sharded_checkpoint(path: Union[str, os.PathLike], *, weights_only: bool = True) -> dict[str, Any]:
+    """A sharded (DCP directory) PEFTCallback checkpoint as one plain dict, without a process group.
+
+    Returns:
+        the Lightning metadata (``meta.pt``: loops, callbacks, the ``lightning_peft`` record, ...)
+        with ``"state_dict"``: the full adapter tensors on the CPU (optimizer state is not read).
+
+    Raises:
+        ValueError: the directory is incomplete (missing metadata or shard files).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    metadata = check_sharded_checkpoint_complete(path)
+    checkpoint = torch.load(path / SHARDED_METADATA_FILENAME, map_location="cpu", weights_only=weights_only)
+    state = {
+        key: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for key, md in saved_state_metadata(metadata).items()
+        if isinstance(md, TensorStorageMetadata)
+    }
+    if state:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"state_dict": state}, checkpoint_id=os.fspath(path), no_dist=True)
+    return {**checkpoint, "state_dict": state}
 
 
 def _locate_target(model: nn.Module, model_attr: Optional[str]) -> tuple[nn.Module, str]:

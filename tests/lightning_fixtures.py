@@ -157,3 +157,114 @@ def save_tiny_classifier(path: os.PathLike, arch: str = "bert", seed: int = 0) -
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return os.fspath(path)
+
+
+# ---- FSDP2 (ModelParallelStrategy + fully_shard) -------------------------------------------------
+
+
+class MicroBatchSampler(torch.utils.data.Sampler):
+    """Epoch e's permutation (from seed, e only) cut into micro-batches; replica r takes micro-batches r, r+W, ...
+
+    So W data-parallel ranks together, and one process with ``accumulate_grad_batches=W``, see
+    the same global batches, split into the same micro-batches.
+    """
+
+    def __init__(self, n: int, micro_batch: int, num_replicas: int = 1, rank: int = 0, seed: int = 3) -> None:
+        self.n, self.micro_batch, self.num_replicas, self.rank, self.seed, self.epoch = n, micro_batch, num_replicas, rank, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _mine(self) -> list[int]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        chunks = [order[i:i + self.micro_batch] for i in range(0, self.n, self.micro_batch)]
+        return [i for chunk in chunks[self.rank::self.num_replicas] for i in chunk]
+
+    def __iter__(self):
+        return iter(self._mine())
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+
+class MicroBatchData(LightningDataModule):
+    """Random tokens in world-size-independent micro-batches (use with ``use_distributed_sampler=False``)."""
+
+    def __init__(self, n: int = 32, micro_batch: int = 4, seed: int = 3) -> None:
+        super().__init__()
+        self.n, self.micro_batch, self.seed = n, micro_batch, seed
+
+    def train_dataloader(self) -> DataLoader:
+        kwargs = (getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}) if self.trainer else {}
+        sampler = MicroBatchSampler(self.n, self.micro_batch, kwargs.get("num_replicas", 1), kwargs.get("rank", 0), self.seed)
+        return DataLoader(RandomTokens(self.n), batch_size=self.micro_batch, sampler=sampler)
+
+
+def wide_llama(seed: int = 0) -> torch.nn.Module:
+    """A 2-layer Llama wide enough (3.4M parameters) that an adapter checkpoint's fixed overhead is small next to it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=4096, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).train()
+
+
+class ShardedLlamaModule(LlamaModule):
+    """Lightning's FSDP2 pattern: the model is built in ``__init__`` and sharded in ``configure_model``
+    (``fully_shard`` on each decoder layer, then the root). Knows nothing of PEFT.
+
+    ``training_step`` records each micro-batch's loss by its global micro-batch index, which is the
+    same for W ranks and for one process accumulating W micro-batches.
+    """
+
+    def __init__(self, seed: int = 0, lr: float = 1e-2, model: Optional[torch.nn.Module] = None,
+                 bf16_mixed: bool = False, compile_layers: bool = False) -> None:
+        super().__init__(seed=seed, lr=lr, model=model)
+        self.bf16_mixed, self.compile_layers = bf16_mixed, compile_layers
+        self.micro_losses: dict[int, float] = {}
+
+    def shard(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return  # configure_model must be idempotent
+        kwargs: dict[str, Any] = {"mesh": self.device_mesh["data_parallel"]}
+        if self.bf16_mixed:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in self.model.model.layers:
+            if self.compile_layers:
+                layer.compile()
+            fully_shard(layer, **kwargs)
+        fully_shard(self.model, **kwargs)
+
+    def configure_model(self) -> None:
+        self.shard()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        accumulate = self.trainer.accumulate_grad_batches
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        world, rank = kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
+        micro = (self.trainer.global_step * accumulate + batch_idx % accumulate) * world + rank
+        self.micro_losses[micro] = loss.item()
+        return loss
+
+
+class BuildAndShardLlamaModule(ShardedLlamaModule):
+    """Builds *and* shards the model in ``configure_model``; calls ``apply_peft(self)`` in between
+    (unless ``call_apply_peft=False``: then the callback must refuse the sharded model)."""
+
+    def __init__(self, seed: int = 0, lr: float = 1e-2, build_fn: Any = None, call_apply_peft: bool = True, **kwargs: Any) -> None:
+        super().__init__(seed=seed, lr=lr, model=torch.nn.Identity(), **kwargs)
+        self.model = None
+        self.build_fn, self.call_apply_peft = build_fn, call_apply_peft
+
+    def configure_model(self) -> None:
+        from lightning_peft.lightning import apply_peft
+
+        if self.model is None:
+            self.model = self.build_fn() if self.build_fn is not None else self.build()
+            if self.call_apply_peft:
+                apply_peft(self)
+        self.shard()

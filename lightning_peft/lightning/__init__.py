@@ -4,7 +4,7 @@
 importing the callback does not import transformers' model classes.
 """
 
-from lightning_peft.lightning.callback import PEFTCallback
+from lightning_peft.lightning.callback import PEFTCallback, apply_peft
 from lightning_peft.lightning.checkpoint_io import AdapterCheckpointIO, AtomicCheckpointIO
 
-__all__ = ["PEFTCallback", "AtomicCheckpointIO", "AdapterCheckpointIO"]
+__all__ = ["PEFTCallback", "apply_peft", "AtomicCheckpointIO", "AdapterCheckpointIO"]

@@ -4,20 +4,31 @@ Where each job happens, and why there (Lightning 2.6 order in ``fit``: ``Callbac
 ``LightningModule.setup`` → ``configure_model`` → checkpoint restore of the module → ``strategy.setup``
 (DDP/FSDP wrap, *then* optimizers) → ``on_fit_start``):
 
-* injection + freezing: right after the module's own ``configure_model`` when it has one (the
-  callback wraps it for that one call; the model may be built there), else in ``setup``.
-  Either way before any wrapper or optimizer sees the parameters, and only once: a model that
-  already carries this adapter (validate/test/predict after fit, a second ``fit``) is left alone.
+* injection + freezing: in ``setup`` when the model already exists there (built in ``__init__``),
+  so before ``configure_model`` can shard it (FSDP2's ``fully_shard``); else right after the
+  module's own ``configure_model`` (the callback wraps it for that one call; the model may be
+  built there). A module that builds *and* shards its model in ``configure_model`` calls
+  :func:`apply_peft` between the two. Either way before any wrapper or optimizer sees the
+  parameters, and only once: a model that already carries this adapter (validate/test/predict
+  after fit, a second ``fit``) is left alone; adapting an already sharded model is refused.
 * optimizer check: ``on_fit_start``, the first hook after optimizers exist.
 * dropout RNG: ``on_train_batch_start`` advances the adapters' (seed, offset) buffers once per
-  micro-batch; the buffers travel in the checkpoint, so a resumed run draws the same masks.
+  micro-batch and data-parallel rank: with W ranks the offset moves by W and rank r draws at
+  ``offset - (W - 1) + r`` during its step (``on_train_batch_end`` takes the rank shift back),
+  so W ranks draw exactly the masks one process would draw for the same micro-batches in
+  sequence (``accumulate_grad_batches=W``), and between steps every rank holds the same
+  offset. The buffers travel in the checkpoint, so a resumed run, on any world size, draws the
+  same masks.
 * adapter-only checkpoints: an :class:`~lightning_peft.lightning.checkpoint_io.AdapterCheckpointIO`
   around the strategy's CheckpointIO (it also sees weights-only saves, which skip
   ``Callback.on_save_checkpoint``); ``strict_loading = False`` on the module so Lightning accepts
   the partial state dict, with our own strict check of the adapter keys instead.
 
 Strategies: DDP / ``ddp_spawn`` (CPU or GPU) inject in every process before the DDP wrap and
-write checkpoints from rank zero. FSDP needs ``FSDPStrategy(state_dict_type="full")`` (the full
+write checkpoints from rank zero. FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) writes
+adapter-only checkpoints in both forms (full file or sharded directory) through
+:class:`~lightning_peft.lightning.fsdp2.FSDP2AdapterCheckpoints`, and resumes them on any world
+size. FSDP1 needs ``FSDPStrategy(state_dict_type="full")`` (the full
 state dict is gathered on rank zero, then filtered; sharded partial loads do not work) and a seed
 set before the model is built. DeepSpeed writes its own checkpoint directories without Lightning's
 CheckpointIO, so nothing here filters them: use ``DeepSpeedStrategy(exclude_frozen_parameters=True)``
@@ -34,6 +45,7 @@ import copy
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -48,11 +60,12 @@ from lightning_peft.checkpoint import (
     same_config,
 )
 from lightning_peft.lightning.checkpoint_io import AdapterCheckpointIO, AtomicCheckpointIO
+from lightning_peft.lightning.fsdp2 import FSDP2AdapterCheckpoints, is_sharded
 from lightning_peft.peft_model import format_trainable_parameters
 from lightning_peft.tuners.config import PeftConfig, config_from_dict
 from lightning_peft.tuners.injection import adapter_state_dict, advance_dropout_rng, get_tuner, inject_adapter
 
-__all__ = ["PEFTCallback"]
+__all__ = ["PEFTCallback", "apply_peft"]
 
 _WRAPPED_MARK = "_lightning_peft_configure_model"
 
@@ -124,6 +137,8 @@ class PEFTCallback(Callback):
         self._model_keys: frozenset[str] = frozenset()
         self._param_report = ""
         self._stage: Optional[str] = None
+        self._rng_shift = 0  # this rank's dropout-offset shift while a training step runs
+        self._fsdp2: Optional[FSDP2AdapterCheckpoints] = None
 
     @property
     @override
@@ -141,15 +156,19 @@ class PEFTCallback(Callback):
                 "trainer.callbacks); one model takes one adapter: keep one of them"
             )
         self._configure_checkpointing(trainer, pl_module)
-        if is_overridden("configure_model", pl_module):
-            # Lightning calls it right after the setup hooks in every stage; the model (or, with
-            # model_attr=None, part of the module) may only exist once it ran
-            self._inject_after_configure_model(pl_module, stage)
-            return
+        has_configure_model = is_overridden("configure_model", pl_module)
         target = resolve_model_attr(pl_module, self.model_attr)
-        if target is None:
+        # With model_attr=None the target (the module itself) always exists, but configure_model may
+        # still add the layers to adapt: only a named model that exists now is adapted now.
+        if target is not None and (self.model_attr is not None or not has_configure_model):
+            # before configure_model, which may shard it (FSDP2's fully_shard works on what is there)
+            self._adapt_unsharded(pl_module, target, stage)
+        if has_configure_model:
+            # Lightning calls it right after the setup hooks in every stage; the model may only exist
+            # once it ran, or it may be replaced there: check (and adapt) again afterwards
+            self._inject_after_configure_model(pl_module, stage)
+        elif target is None:
             raise ValueError(self._missing_model_message(pl_module))
-        self._adapt(pl_module, target, stage)
 
     def _inject_after_configure_model(self, pl_module: pl.LightningModule, stage: str) -> None:
         """Wrap the instance's ``configure_model`` once: run it, then adapt what it built."""
@@ -164,10 +183,23 @@ class PEFTCallback(Callback):
             target = resolve_model_attr(pl_module, self.model_attr)
             if target is None:
                 raise ValueError(self._missing_model_message(pl_module))
-            self._adapt(pl_module, target, stage)
+            self._adapt_unsharded(pl_module, target, stage)
 
         pl_module.__dict__["configure_model"] = configure_model
         pl_module.__dict__[_WRAPPED_MARK] = True
+
+    def _adapt_unsharded(self, pl_module: pl.LightningModule, target: Any, stage: str) -> None:
+        """:meth:`_adapt`, refusing a model that is sharded but not adapted yet."""
+        if get_tuner(target) is None and is_sharded(target):
+            where = f"self.{self.model_attr}" if self.model_attr else "the LightningModule"
+            raise RuntimeError(
+                f"PEFTCallback: {where} was sharded (fully_shard / DTensor parameters) before the adapter was "
+                "injected; an adapter injected after sharding would mix plain and sharded tensors and escape FSDP. "
+                "Build the model in __init__ (the callback then adapts it before configure_model runs), or, when "
+                "configure_model builds and shards it, call lightning_peft.apply_peft(self) in configure_model "
+                "after building the model and before fully_shard"
+            )
+        self._adapt(pl_module, target, stage)
 
     def _adapt(self, pl_module: pl.LightningModule, target: Any, stage: str) -> None:
         tuner = get_tuner(target)
@@ -232,13 +264,29 @@ class PEFTCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._target is not None:
+        if self._target is None:
+            return
+        world, rank = _data_parallel_world_and_rank(trainer)
+        if world == 1:
             advance_dropout_rng(self._target)
+            return
+        # this step's offset for rank r: the canonical one moved by `world`, minus (world - 1 - r)
+        self._rng_shift = rank - (world - 1)
+        _move_dropout_offsets(self._target, world + self._rng_shift)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._target is not None and self._rng_shift:
+            _move_dropout_offsets(self._target, -self._rng_shift)  # between steps all ranks hold the canonical offset
+        self._rng_shift = 0
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if pl_module.__dict__.pop(_WRAPPED_MARK, None):  # configure_model never ran: undo the wrap
             pl_module.__dict__.pop("configure_model", None)
+        if self._fsdp2 is not None:
+            self._fsdp2.uninstall()
+            self._fsdp2 = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -253,6 +301,15 @@ class PEFTCallback(Callback):
             io = AdapterCheckpointIO(io, self._filter_checkpoint, self._check_checkpoint)
             pl_module.strict_loading = False  # Lightning accepts the partial state dict; _check_checkpoint is strict instead
         strategy.checkpoint_io = io
+        if self._fsdp2 is not None:
+            self._fsdp2.uninstall()
+            self._fsdp2 = None
+        if self.adapter_only_checkpoints and _is_model_parallel(strategy):
+            # ModelParallelStrategy saves and loads without the CheckpointIO for sharded checkpoints
+            self._fsdp2 = FSDP2AdapterCheckpoints(
+                strategy, lambda: self._adapter_keys, self._metadata, self._check_checkpoint, CHECKPOINT_METADATA_KEY
+            )
+            self._fsdp2.install()
 
     def _metadata(self) -> dict[str, Any]:
         return build_checkpoint_metadata(self.peft_config, self.model_attr, sorted(self._adapter_keys))
@@ -320,6 +377,70 @@ class PEFTCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_config_dict(state_dict.get("peft_config", {}), "being restored")
+
+
+def apply_peft(pl_module: pl.LightningModule, callback: Optional[PEFTCallback] = None) -> None:
+    """Inject the Trainer's PEFTCallback adapter now: call it in ``configure_model`` between building and sharding.
+
+    For a LightningModule that builds *and* shards its model in ``configure_model`` (FSDP2's
+    ``fully_shard`` under ``ModelParallelStrategy``): the adapter must be in place, and the base
+    frozen, before ``fully_shard`` sees the parameters, and the callback cannot step in between
+    by itself. A model built in ``__init__`` needs no call: the callback adapts it in ``setup``.
+
+    Example::
+
+        def configure_model(self):
+            if self.model is not None:
+                return
+            self.model = AutoModelForCausalLM.from_config(config)
+            apply_peft(self)  # inject + freeze, before sharding
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+    Args:
+        pl_module: the LightningModule (``self`` in ``configure_model``).
+        callback: the PEFTCallback to apply; by default the one in ``pl_module.trainer.callbacks``.
+            Without a Trainer, or a Trainer without a PEFTCallback, nothing happens (the same
+            ``configure_model`` then builds a plain model, e.g. for ``load_peft_checkpoint``).
+
+    Raises:
+        ValueError: no model at the callback's ``model_attr`` yet; a different adapter is there.
+        RuntimeError: the model is already sharded (call this before ``fully_shard``).
+    """
+    if callback is None:
+        trainer = pl_module._trainer
+        found = [cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, PEFTCallback)]
+        if not found:
+            return
+        callback = found[0]
+    target = resolve_model_attr(pl_module, callback.model_attr)
+    if target is None:
+        raise ValueError(callback._missing_model_message(pl_module) + "; call apply_peft(self) after building the model")
+    callback._adapt_unsharded(pl_module, target, callback._stage or "fit")
+
+
+def _is_model_parallel(strategy: Any) -> bool:
+    try:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+    except ImportError:  # Lightning < 2.4
+        return False
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def _data_parallel_world_and_rank(trainer: pl.Trainer) -> tuple[int, int]:
+    """(number of data-parallel replicas, this one's index): ranks that see different batches."""
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+
+
+@torch.no_grad()
+def _move_dropout_offsets(target: Any, delta: int) -> None:
+    tuner = get_tuner(target)
+    if tuner is not None:
+        for buf in tuner.dropout_rng_buffers(target):
+            buf[1:].add_(delta)
 
 
 def _few(items: list[str], limit: int = 6) -> str:
