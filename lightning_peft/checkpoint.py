@@ -11,7 +11,13 @@ rebuild the adapter on a fresh base model::
      "model_attr": "model",       # where the adapted model sits in the LightningModule (None: all of it)
      "adapter_keys": [...]}       # the LightningModule state-dict keys of the adapter
 
-:func:`load_peft_checkpoint` turns such a file plus a freshly built base model (or the
+Under FSDP2 (``ModelParallelStrategy``) the same checkpoint can also be a sharded directory
+(``save_distributed_checkpoint=True``): ``torch.distributed.checkpoint`` shard files holding
+``{"state_dict": <adapter>, "optimizer_0": <its optimizer state>}``, ``.metadata``, and
+``meta.pt`` with everything else, the record included. :func:`read_sharded_checkpoint` reads
+such a directory into the one-dict form without a process group.
+
+:func:`load_peft_checkpoint` turns either form plus a freshly built base model (or the
 LightningModule that holds one) into the adapted model.
 """
 

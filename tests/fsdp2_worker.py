@@ -141,7 +141,10 @@ def fit(run: dict[str, Any]) -> dict[str, Any]:
                    ModelCheckpoint(dirpath=os.path.join(run["out"], "ckpt"), filename="{epoch}", save_top_k=-1)],
     )
     trainer.fit(module, datamodule=MicroBatchData(), ckpt_path=run.get("ckpt_path"))
-    return {"micro_losses": module.micro_losses, "memory": probe.report, "global_step": trainer.global_step}
+    from torch._dynamo.utils import counters
+
+    return {"micro_losses": module.micro_losses, "memory": probe.report, "global_step": trainer.global_step,
+            "compiled_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def main(spec_path: str) -> None:

@@ -291,7 +291,7 @@ def test_load_peft_checkpoint_of_either_form_into_a_plain_model(runs, form):
 @pytest.mark.parametrize(
     "name, message",
     [
-        ("late", "call lightning_peft.apply_peft(self) in configure_model"),
+        ("late", "call apply_peft(self) (from lightning_peft.lightning) in configure_model"),
         ("other_config", "was trained with"),
         ("missing_shard", "is missing shard files"),
     ],
@@ -315,3 +315,13 @@ def test_load_peft_checkpoint_of_an_incomplete_directory_leaves_the_model_alone(
         load_peft_checkpoint(model, broken)
     assert get_tuner(model) is None
     _assert_close(model.state_dict(), before, atol=0)
+
+
+@pytest.mark.slow  # compiling the decoder layers takes minutes on 2 CPU cores
+def test_compiled_layers_train_sharded_with_the_same_math(tmp_path):
+    compiled, eager = launch([dict(out=tmp_path / "compiled", epochs=1, compile=True), dict(out=tmp_path / "eager", epochs=1)],
+                             2, os.fspath(tmp_path))
+    runs = {"compiled": (tmp_path / "compiled", compiled), "eager": (tmp_path / "eager", eager)}
+    assert all(result["compiled_graphs"] > 0 for result in compiled)
+    _assert_losses(_losses(runs, "compiled"), _losses(runs, "eager"), range(MICRO_PER_EPOCH), atol=1e-5)
+    _assert_close(_final_adapter(runs, "compiled", epoch=0), _final_adapter(runs, "eager", epoch=0), atol=1e-5)

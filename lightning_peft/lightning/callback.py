@@ -81,7 +81,8 @@ class PEFTCallback(Callback):
     r"""Fine-tune a LightningModule's model with a PEFT method: inject, freeze, train and save only the adapter.
 
     Works on an unchanged LightningModule, whether it builds its model in ``__init__`` or in
-    ``configure_model``. Configure optimizers from the trainable parameters
+    ``configure_model``. Under FSDP2 (``ModelParallelStrategy``), a module that builds *and*
+    shards its model in ``configure_model`` calls :func:`apply_peft` between the two. Configure optimizers from the trainable parameters
     (``filter(lambda p: p.requires_grad, self.parameters())`` or simply ``self.parameters()``)
     inside ``configure_optimizers``, which runs after the injection.
 
@@ -100,7 +101,8 @@ class PEFTCallback(Callback):
         TypeError: ``peft_config`` is not a PeftConfig.
         ValueError: bad config (on construction); at setup: the model is missing, the targets match
             nothing, or the module carries a different adapter.
-        RuntimeError: at fit start, some trainable parameter is in no optimizer.
+        RuntimeError: at setup, the model was sharded before the adapter could be injected; at fit
+            start, some trainable parameter is in no optimizer.
 
     Example::
 
@@ -196,7 +198,7 @@ class PEFTCallback(Callback):
                 f"PEFTCallback: {where} was sharded (fully_shard / DTensor parameters) before the adapter was "
                 "injected; an adapter injected after sharding would mix plain and sharded tensors and escape FSDP. "
                 "Build the model in __init__ (the callback then adapts it before configure_model runs), or, when "
-                "configure_model builds and shards it, call lightning_peft.apply_peft(self) in configure_model "
+                "configure_model builds and shards it, call apply_peft(self) (from lightning_peft.lightning) in configure_model "
                 "after building the model and before fully_shard"
             )
         self._adapt(pl_module, target, stage)
