@@ -325,3 +325,21 @@ def test_compiled_layers_train_sharded_with_the_same_math(tmp_path):
     assert all(result["compiled_graphs"] > 0 for result in compiled)
     _assert_losses(_losses(runs, "compiled"), _losses(runs, "eager"), range(MICRO_PER_EPOCH), atol=1e-5)
     _assert_close(_final_adapter(runs, "compiled", epoch=0), _final_adapter(runs, "eager", epoch=0), atol=1e-5)
+
+
+def test_apply_peft_outside_a_trainer_leaves_the_model_plain_and_with_a_callback_injects_once():
+    from lightning_fixtures import BuildAndShardLlamaModule
+
+    from lightning_peft import PEFTCallback, get_tuner
+    from lightning_peft.lightning import apply_peft
+
+    module = BuildAndShardLlamaModule()
+    module.model = module.build()
+    apply_peft(module)  # no Trainer: the same configure_model builds a plain model (e.g. for load_peft_checkpoint)
+    assert get_tuner(module.model) is None
+    callback = PEFTCallback(LoraConfig(**LORA), model_attr="model", verbose=False)
+    apply_peft(module, callback)
+    apply_peft(module, callback)  # idempotent, like configure_model must be
+    assert get_tuner(module.model).config.to_dict() == LoraConfig(**LORA).to_dict()
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {
+        k for k in _expected_keys() if not k.endswith("lora_rng")}
