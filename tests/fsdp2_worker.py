@@ -8,7 +8,8 @@ A run (all keys but ``out`` optional)::
 
     {"out": dir, "method": "lora" | a key of test_methods.CONFIGS, "pattern": "init" | "configure" | "late",
      "epochs": 2, "ckpt_path": None, "sharded": False, "accumulate": 1, "bf16_mixed": False,
-     "compile": False, "config": {LoraConfig kwargs}, "wide": False, "limit_train_batches": None}
+     "compile": False, "config": {LoraConfig kwargs}, "wide": False, "limit_train_batches": None,
+     "save_last": False}
 
 ``pattern``: "init" builds the model in ``__init__`` (the callback adapts it before
 ``configure_model`` shards it); "configure" builds and shards in ``configure_model`` with
@@ -138,7 +139,8 @@ def fit(run: dict[str, Any]) -> dict[str, Any]:
         default_root_dir=run["out"], logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, limit_train_batches=run.get("limit_train_batches"),
         callbacks=[peft, probe, *extra_callbacks,
-                   ModelCheckpoint(dirpath=os.path.join(run["out"], "ckpt"), filename="{epoch}", save_top_k=-1)],
+                   ModelCheckpoint(dirpath=os.path.join(run["out"], "ckpt"), filename="{epoch}", save_top_k=-1,
+                                   save_last=run.get("save_last", False))],
     )
     trainer.fit(module, datamodule=MicroBatchData(), ckpt_path=run.get("ckpt_path"))
     from torch._dynamo.utils import counters

@@ -25,6 +25,7 @@ from test_bitfit import biased_llama
 from test_methods import CONFIGS
 
 from lightning_peft import LoraConfig, adapter_state_dict, inject_adapter, load_peft_checkpoint
+from lightning_peft.checkpoint import read_sharded_checkpoint
 from models import tiny_llama
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])
@@ -36,7 +37,7 @@ def _runs(tmp):
     a, b, c = tmp / "a", tmp / "b", tmp / "c"
     two = [
         dict(out=a / "lora_full"),                                    # LoRA + dropout, full checkpoints
-        dict(out=a / "lora_sharded", sharded=True),                   # the same, sharded (DCP) checkpoints
+        dict(out=a / "lora_sharded", sharded=True, save_last=True),   # the same, sharded (DCP) checkpoints
         dict(out=a / "adapter_full", method="adapter_houlsby"),       # a second method, for the equality test
         dict(out=a / "prefix", method="prefix_projection", epochs=1),
         dict(out=a / "prompt", method="prompt", epochs=1, sharded=True),
@@ -98,8 +99,6 @@ def _final_adapter(runs, name, epoch=EPOCHS - 1) -> dict[str, torch.Tensor]:
     out, _ = _ok(runs, name)
     path = out / "ckpt" / f"epoch={epoch}.ckpt"
     if path.is_dir():  # sharded: read back through the library's own reader into plain tensors
-        from lightning_peft.checkpoint import read_sharded_checkpoint
-
         return read_sharded_checkpoint(path)["state_dict"]
     return load_ckpt(path)["state_dict"]
 
@@ -190,6 +189,9 @@ def test_sharded_checkpoint_is_a_dcp_directory_with_only_the_adapter(runs):
     out, _ = _ok(runs, "lora_sharded")
     path = out / "ckpt" / "epoch=0.ckpt"
     assert path.is_dir() and len(list(path.glob("*.distcp"))) == 2  # one shard file per rank
+    # last.ckpt was replaced after each epoch: by a complete directory, nothing left beside it
+    assert sorted(os.listdir(out / "ckpt")) == ["epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
+    _assert_close(read_sharded_checkpoint(out / "ckpt" / "last.ckpt")["state_dict"], _final_adapter(runs, "lora_sharded", epoch=1), atol=0)
     saved = FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
     keys = _expected_keys()
     assert {k[len("state_dict."):] for k in saved if k.startswith("state_dict.")} == keys
@@ -343,3 +345,15 @@ def test_apply_peft_outside_a_trainer_leaves_the_model_plain_and_with_a_callback
     assert get_tuner(module.model).config.to_dict() == LoraConfig(**LORA).to_dict()
     assert {n for n, p in module.named_parameters() if p.requires_grad} == {
         k for k in _expected_keys() if not k.endswith("lora_rng")}
+
+
+def test_replace_directory_swaps_a_complete_directory_in(tmp_path):
+    from lightning_peft.lightning.fsdp2 import replace_directory
+
+    for content in ("old", "new"):
+        staging = tmp_path / ".last.ckpt.tmp"
+        staging.mkdir()
+        (staging / "shard").write_text(content)
+        replace_directory(staging, tmp_path / "last.ckpt")
+        assert (tmp_path / "last.ckpt" / "shard").read_text() == content
+        assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]

@@ -12,7 +12,8 @@ methods *on the strategy instance* (not on its class, and only while PEFTCallbac
   rank) and kept on rank zero; the frozen base is never gathered. Sharded form: the adapter's
   DTensors as they are (each rank writes its shard).
 * ``optimizer_state``: keyed by parameter name (FQN) in both forms, so it loads on any world size.
-* ``save_checkpoint``: adds the ``lightning_peft`` record (config, model_attr, adapter keys).
+* ``save_checkpoint``: adds the ``lightning_peft`` record (config, model_attr, adapter keys); a
+  sharded directory is written beside its destination and then swapped in.
 * ``load_checkpoint``: checks the file or directory first (record, config, keys, shapes, missing
   shard files; one clear error, nothing loaded), reads into fresh tensors, and only then copies
   into the model and optimizer. DCP reshards on read, and full tensors are re-split locally
@@ -25,6 +26,7 @@ without any process group, for :func:`~lightning_peft.load_peft_checkpoint` into
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -38,7 +40,7 @@ from lightning_peft.checkpoint import (
     saved_state_metadata,
 )
 
-__all__ = ["FSDP2AdapterCheckpoints", "is_sharded"]
+__all__ = ["FSDP2AdapterCheckpoints", "is_sharded", "replace_directory"]
 
 _PATCHED = ("lightning_module_state_dict", "optimizer_state", "save_checkpoint", "load_checkpoint")
 
@@ -54,6 +56,27 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules()) or any(
         isinstance(p, DTensor) for p in module.parameters()
     )
+
+
+def replace_directory(source: Path, destination: Path) -> None:
+    """Move the directory ``source`` to ``destination``, replacing what is there.
+
+    ``destination`` is renamed aside first and deleted only once ``source`` took its place: at any
+    crash point a complete checkpoint exists, at ``destination`` or at ``.<name>.old`` beside it.
+    """
+    aside = destination.with_name(f".{destination.name}.old")
+    _remove(aside)
+    if destination.exists() or destination.is_symlink():
+        os.replace(destination, aside)
+    os.replace(source, destination)
+    _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _clone_tensors(tree: Any) -> Any:
@@ -139,7 +162,22 @@ class FSDP2AdapterCheckpoints:
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         if self.adapter_keys():
             checkpoint[self.record_key] = self.metadata()
-        self._original["save_checkpoint"](self.strategy, checkpoint, filepath, storage_options)
+        save = self._original["save_checkpoint"]
+        if self._full:  # one file, written by the CheckpointIO (atomic with PEFTCallback's default)
+            save(self.strategy, checkpoint, filepath, storage_options)
+            return
+        # A directory cannot be replaced in one step: write it next to the destination, then swap it
+        # in, so a save that dies half-way leaves the previous checkpoint at this path intact.
+        final = Path(self.strategy.broadcast(filepath))
+        staging = final.with_name(f".{final.name}.tmp")
+        if self.strategy.global_rank == 0:
+            _remove(staging)
+        self.strategy.barrier()
+        save(self.strategy, checkpoint, staging, storage_options)
+        self.strategy.barrier()  # every shard, .metadata and meta.pt are written
+        if self.strategy.global_rank == 0:
+            replace_directory(staging, final)
+        self.strategy.barrier()
 
     # ------------------------------------------------------------------ load
 
