@@ -9,7 +9,7 @@ A run (all keys but ``out`` optional)::
     {"out": dir, "method": "lora" | a key of test_methods.CONFIGS, "pattern": "init" | "configure" | "late",
      "epochs": 2, "ckpt_path": None, "sharded": False, "accumulate": 1, "bf16_mixed": False,
      "compile": False, "config": {LoraConfig kwargs}, "wide": False, "limit_train_batches": None,
-     "save_last": False}
+     "save_last": False, "stage": "fit" | "validate"}
 
 ``pattern``: "init" builds the model in ``__init__`` (the callback adapts it before
 ``configure_model`` shards it); "configure" builds and shards in ``configure_model`` with
@@ -142,6 +142,10 @@ def fit(run: dict[str, Any]) -> dict[str, Any]:
                    ModelCheckpoint(dirpath=os.path.join(run["out"], "ckpt"), filename="{epoch}", save_top_k=-1,
                                    save_last=run.get("save_last", False))],
     )
+    if run.get("stage") == "validate":  # evaluation from a checkpoint: no optimizer to restore
+        trainer.limit_val_batches = 1.0
+        (metrics,) = trainer.validate(module, datamodule=MicroBatchData(), ckpt_path=run["ckpt_path"])
+        return {"val_loss": float(metrics["val_loss"])}
     trainer.fit(module, datamodule=MicroBatchData(), ckpt_path=run.get("ckpt_path"))
     from torch._dynamo.utils import counters
 

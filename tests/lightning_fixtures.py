@@ -199,6 +199,9 @@ class MicroBatchData(LightningDataModule):
         sampler = MicroBatchSampler(self.n, self.micro_batch, kwargs.get("num_replicas", 1), kwargs.get("rank", 0), self.seed)
         return DataLoader(RandomTokens(self.n), batch_size=self.micro_batch, sampler=sampler)
 
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(RandomTokens(16, seed=2), batch_size=8)  # every rank sees all of it
+
 
 def wide_llama(seed: int = 0) -> torch.nn.Module:
     """A 2-layer Llama wide enough (3.4M parameters) that an adapter checkpoint's fixed overhead is small next to it."""

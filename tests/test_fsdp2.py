@@ -61,6 +61,9 @@ def _runs(tmp):
         dict(out=c / "lora_full_1to2", ckpt_path=b / "lora_ref/ckpt/epoch=0.ckpt"),
         dict(out=c / "lora_sharded_1to2", sharded=True, pattern="configure", ckpt_path=b / "lora_sharded_1/ckpt/epoch=0.ckpt"),
         dict(out=c / "lora_sharded_2to2", sharded=True, ckpt_path=a / "lora_sharded/ckpt/epoch=0.ckpt"),
+        dict(out=c / "validate_full", stage="validate", ckpt_path=a / "lora_full/ckpt/epoch=1.ckpt"),
+        dict(out=c / "validate_sharded", stage="validate", sharded=True, pattern="configure",
+             ckpt_path=a / "lora_sharded/ckpt/epoch=1.ckpt"),
     ]
     return two, one, two_again
 
@@ -285,6 +288,20 @@ def test_load_peft_checkpoint_of_either_form_into_a_plain_model(runs, form):
     for key, value in saved.items():
         torch.testing.assert_close(own[key[len("model."):]], value, rtol=0, atol=0)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, form", [("validate_full", "lora_full"), ("validate_sharded", "lora_sharded")])
+def test_validate_from_either_form_equals_the_plain_model_loaded_from_it(runs, name, form):
+    from lightning_fixtures import RandomTokens
+
+    _, per_rank = _ok(runs, name)
+    out, _ = _ok(runs, form)
+    model = load_peft_checkpoint(tiny_llama(0), out / "ckpt" / f"epoch={EPOCHS - 1}.ckpt")
+    with torch.no_grad():
+        batches = RandomTokens(16, seed=2).data.split(8)
+        want = sum(model(input_ids=b, labels=b).loss.item() for b in batches) / len(batches)
+    for result in per_rank:
+        assert abs(result["val_loss"] - want) < 1e-5
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
