@@ -9,7 +9,7 @@ A run (all keys but ``out`` optional)::
     {"out": dir, "method": "lora" | a key of test_methods.CONFIGS, "pattern": "init" | "configure" | "late",
      "epochs": 2, "ckpt_path": None, "sharded": False, "accumulate": 1, "bf16_mixed": False,
      "compile": False, "config": {LoraConfig kwargs}, "wide": False, "limit_train_batches": None,
-     "save_last": False, "stage": "fit" | "validate"}
+     "save_last": False, "stage": "fit" | "validate", "save_after_fit": False}
 
 ``pattern``: "init" builds the model in ``__init__`` (the callback adapts it before
 ``configure_model`` shards it); "configure" builds and shards in ``configure_model`` with
@@ -147,6 +147,8 @@ def fit(run: dict[str, Any]) -> dict[str, Any]:
         (metrics,) = trainer.validate(module, datamodule=MicroBatchData(), ckpt_path=run["ckpt_path"])
         return {"val_loss": float(metrics["val_loss"])}
     trainer.fit(module, datamodule=MicroBatchData(), ckpt_path=run.get("ckpt_path"))
+    if run.get("save_after_fit"):
+        trainer.save_checkpoint(os.path.join(run["out"], "after_fit.ckpt"))
     from torch._dynamo.utils import counters
 
     return {"micro_losses": module.micro_losses, "memory": probe.report, "global_step": trainer.global_step,

@@ -37,7 +37,7 @@ def _runs(tmp):
     a, b, c = tmp / "a", tmp / "b", tmp / "c"
     two = [
         dict(out=a / "lora_full"),                                    # LoRA + dropout, full checkpoints
-        dict(out=a / "lora_sharded", sharded=True, save_last=True),   # the same, sharded (DCP) checkpoints
+        dict(out=a / "lora_sharded", sharded=True, save_last=True, save_after_fit=True),  # the same, sharded (DCP)
         dict(out=a / "adapter_full", method="adapter_houlsby"),       # a second method, for the equality test
         dict(out=a / "prefix", method="prefix_projection", epochs=1),
         dict(out=a / "prompt", method="prompt", epochs=1, sharded=True),
@@ -195,6 +195,8 @@ def test_sharded_checkpoint_is_a_dcp_directory_with_only_the_adapter(runs):
     # last.ckpt was replaced after each epoch: by a complete directory, nothing left beside it
     assert sorted(os.listdir(out / "ckpt")) == ["epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
     _assert_close(read_sharded_checkpoint(out / "ckpt" / "last.ckpt")["state_dict"], _final_adapter(runs, "lora_sharded", epoch=1), atol=0)
+    # trainer.save_checkpoint() after fit writes the same adapter-only form
+    _assert_close(read_sharded_checkpoint(out / "after_fit.ckpt")["state_dict"], _final_adapter(runs, "lora_sharded", epoch=1), atol=0)
     saved = FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
     keys = _expected_keys()
     assert {k[len("state_dict."):] for k in saved if k.startswith("state_dict.")} == keys

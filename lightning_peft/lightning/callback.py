@@ -286,9 +286,7 @@ class PEFTCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if pl_module.__dict__.pop(_WRAPPED_MARK, None):  # configure_model never ran: undo the wrap
             pl_module.__dict__.pop("configure_model", None)
-        if self._fsdp2 is not None:
-            self._fsdp2.uninstall()
-            self._fsdp2 = None
+        # the FSDP2 checkpoint methods stay on the strategy: trainer.save_checkpoint() after fit uses them
 
     # ------------------------------------------------------------------ checkpoints
 

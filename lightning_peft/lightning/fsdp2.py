@@ -131,6 +131,13 @@ class FSDP2AdapterCheckpoints:
     def _named_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's parameters and buffers by state-dict key (DTensor shards for sharded ones)."""
         own = self._module().state_dict(keep_vars=True)  # FSDP2: sharded DTensors, no communication
+        missing = sorted(self.adapter_keys() - set(own))
+        if missing:
+            raise RuntimeError(
+                f"PEFTCallback: the LightningModule's state dict no longer has the adapter keys {missing[:4]}: the "
+                "model was wrapped after injection (e.g. self.model = torch.compile(self.model)). Compile in place "
+                "instead (self.model.compile() or layer.compile() for each block), which keeps the parameter names"
+            )
         return {k: own[k] for k in sorted(self.adapter_keys())}
 
     # ------------------------------------------------------------------ save
