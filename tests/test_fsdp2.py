@@ -42,6 +42,7 @@ def _runs(tmp):
         dict(out=a / "prefix", method="prefix_projection", epochs=1),
         dict(out=a / "prompt", method="prompt", epochs=1, sharded=True),
         dict(out=a / "bitfit", method="bitfit", epochs=1, pattern="configure"),
+        dict(out=a / "ia3", method="ia3", epochs=1, sharded=True, pattern="configure"),
         dict(out=a / "bf16", epochs=1, bf16_mixed=True),
         dict(out=a / "wide_full", epochs=1, wide=True, limit_train_batches=2),  # checkpoint size vs a real-ish model
         dict(out=a / "wide_sharded", epochs=1, wide=True, limit_train_batches=2, sharded=True),
@@ -256,7 +257,7 @@ def test_after_resume_every_rank_holds_its_shard_of_the_saved_adapter(runs, resu
 # ---- the other methods, the other patterns, mixed precision ---------------------------------------------------
 
 
-@pytest.mark.parametrize("name, method", [("prefix", "prefix_projection"), ("prompt", "prompt"), ("bitfit", "bitfit")])
+@pytest.mark.parametrize("name, method", [("prefix", "prefix_projection"), ("prompt", "prompt"), ("bitfit", "bitfit"), ("ia3", "ia3")])
 def test_every_method_trains_sharded_and_loads_into_a_plain_model(runs, name, method):
     losses = _losses(runs, name)
     assert sorted(losses) == list(range(MICRO_PER_EPOCH)) and all(torch.isfinite(torch.tensor(list(losses.values()))))
