@@ -27,10 +27,11 @@ __all__ = [
 # `import lightning_peft` does not import Lightning (the core works without it).
 from lightning_peft.checkpoint import load_peft_checkpoint  # noqa: E402
 
-__all__ += ["PEFTCallback", "AtomicCheckpointIO", "load_peft_checkpoint"]
+__all__ += ["PEFTCallback", "AtomicCheckpointIO", "apply_peft", "load_peft_checkpoint"]
 
 _LAZY_EXPORTS = {
     "PEFTCallback": "lightning_peft.lightning.callback",
+    "apply_peft": "lightning_peft.lightning.callback",
     "AtomicCheckpointIO": "lightning_peft.lightning.checkpoint_io",
 }
 

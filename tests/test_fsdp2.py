@@ -377,3 +377,24 @@ def test_replace_directory_swaps_a_complete_directory_in(tmp_path):
         replace_directory(staging, tmp_path / "last.ckpt")
         assert (tmp_path / "last.ckpt" / "shard").read_text() == content
         assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+
+
+def test_inject_adapter_refuses_a_model_with_sharded_parameters():
+    """get_peft_model / inject_adapter after fully_shard: one clear error naming the fix, the model unchanged."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = tiny_llama()
+        proj = model.model.layers[0].self_attn.q_proj
+        proj.weight = torch.nn.Parameter(DTensor.from_local(proj.weight.detach(), mesh, [Replicate()]))
+        with pytest.raises(ValueError, match=r"already sharded .*apply_peft\(self\)"):
+            inject_adapter(model, LoraConfig(r=2, target_modules=["q_proj"]))
+        assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    finally:
+        if owns_group:
+            dist.destroy_process_group()

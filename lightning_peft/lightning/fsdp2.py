@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from lightning_peft.tuners.injection import is_sharded
 from lightning_peft.checkpoint import (
     SHARDED_METADATA_FILENAME,
     check_sharded_checkpoint_complete,
@@ -43,19 +44,6 @@ from lightning_peft.checkpoint import (
 __all__ = ["FSDP2AdapterCheckpoints", "is_sharded", "replace_directory"]
 
 _PATCHED = ("lightning_module_state_dict", "optimizer_state", "save_checkpoint", "load_checkpoint")
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """Whether ``fully_shard`` (or tensor parallelism) already sharded ``module`` or a submodule of it."""
-    from torch.distributed.tensor import DTensor
-
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6
-        FSDPModule = ()  # type: ignore[assignment,misc]
-    return any(isinstance(m, FSDPModule) for m in module.modules()) or any(
-        isinstance(p, DTensor) for p in module.parameters()
-    )
 
 
 def replace_directory(source: Path, destination: Path) -> None:

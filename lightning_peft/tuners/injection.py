@@ -30,6 +30,7 @@ __all__ = [
     "adapter_state_dict",
     "load_adapter_state_dict",
     "advance_dropout_rng",
+    "is_sharded",
 ]
 
 _TUNER_ATTR = "_lightning_peft_tuner"
@@ -311,9 +312,27 @@ def inject_adapter(model: nn.Module, config: PeftConfig, *, advance_rng_on_forwa
         )
     if config.peft_type not in _TUNER_CLASSES:
         raise ValueError(f"no tuner registered for peft_type {config.peft_type!r}")
+    if is_sharded(model):
+        raise ValueError(
+            f"{type(model).__name__} is already sharded (fully_shard / DTensor parameters): an adapter injected now would "
+            "mix plain and sharded tensors. Inject before sharding: in a LightningModule call "
+            "lightning_peft.lightning.apply_peft(self) in configure_model before fully_shard (or build the model in "
+            "__init__ and let PEFTCallback inject it), or call get_peft_model / inject_adapter before fully_shard"
+        )
     tuner = _TUNER_CLASSES[config.peft_type](config)
     tuner.attach(model, advance_rng_on_forward=advance_rng_on_forward)
     return tuner
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` (or tensor parallelism) already sharded ``module`` or a submodule of it."""
+    from torch.distributed.tensor import DTensor
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        FSDPModule = ()  # type: ignore[assignment,misc]
+    return any(isinstance(m, FSDPModule) for m in module.modules()) or any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _existing_adaptation(model: nn.Module) -> Optional[str]:
