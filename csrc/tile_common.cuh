@@ -106,18 +106,26 @@ template <typename raw_t> __device__ __forceinline__ Vec8<raw_t> zero_vec() {
 
 /// One whole-vector access at `p` (128-bit loads / stores); the emulation checks the alignment
 /// the hardware needs (a misaligned vector access is an error on a GPU).
+/// (The emulation copies bytewise after the check: the host compiler's aligned SSE moves would
+/// crash on the misaligned address instead of reporting it.)
 template <typename raw_t> __device__ __forceinline__ Vec8<raw_t> load_vec(const raw_t* p) {
 #ifdef LIGHTNING_PEFT_EMULATE
   emu::check_aligned(p, alignof(Vec8<raw_t>), "vector load");
-#endif
+  Vec8<raw_t> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+#else
   return *reinterpret_cast<const Vec8<raw_t>*>(p);
+#endif
 }
 
 template <typename raw_t> __device__ __forceinline__ void store_vec(raw_t* p, const Vec8<raw_t>& v) {
 #ifdef LIGHTNING_PEFT_EMULATE
   emu::check_aligned(p, alignof(Vec8<raw_t>), "vector store");
-#endif
+  std::memcpy(p, &v, sizeof(v));
+#else
   *reinterpret_cast<Vec8<raw_t>*>(p) = v;
+#endif
 }
 
 /// Load 8 elements of `row_ptr` starting at column `col`; columns >= `cols` read as 0.

@@ -189,20 +189,24 @@ def test_emulated_bias_device_and_dtype_errors_are_ours(emu):
 # A shape where every plan gives each forward block several 64-column chunks (H200-like: 100 row
 # tiles x 2 splits of 4 chunks) and the one-split plan every backward block several row tiles.
 MUTANT_SHAPE = (6400, 512, 24, 16)
+MUTATIONS = {  # name: (file in csrc/, text, replacement)
+    "no_forward_barrier": ("dropout_hidden.cu", "    acc.tile(xs, as, LDX);\n    __syncthreads();\n", "    acc.tile(xs, as, LDX);\n"),
+    "unaligned_smem_rows": ("tile_common.cuh", "return cols + 16 / static_cast<int>(sizeof(raw_t));", "return cols + 1;"),
+}
 
 
-def _mutant_csrc(tmp_dir: str) -> str:
-    """A copy of csrc/ with the forward loop's closing __syncthreads() removed."""
-    copy = os.path.join(tmp_dir, "csrc")
+def build_mutant(tmp_path_factory, name: str):
+    """csrc/ with one mutation, built against the emulation as its own library."""
+    file, text, replacement = MUTATIONS[name]
+    copy = os.path.join(str(tmp_path_factory.mktemp(name)), "csrc")
     shutil.copytree(CSRC, copy)
-    path = os.path.join(copy, "dropout_hidden.cu")
+    path = os.path.join(copy, file)
     with open(path, encoding="utf-8") as fh:
         source = fh.read()
-    barrier = "    acc.tile(xs, as, LDX);\n    __syncthreads();\n"
-    assert source.count(barrier) == 1, "the forward loop's closing barrier moved: update this test"
+    assert source.count(text) == 1, f"{file} changed: update the {name} mutation"
     with open(path, "w", encoding="utf-8") as fh:
-        fh.write(source.replace(barrier, "    acc.tile(xs, as, LDX);\n"))
-    return copy
+        fh.write(source.replace(text, replacement))
+    return build_emulation(f"lightning_peft_cuda_emu_{name}", copy)
 
 
 @pytest.mark.slow
@@ -210,7 +214,7 @@ def _mutant_csrc(tmp_dir: str) -> str:
 def test_missing_forward_barrier_fails_under_every_plan(emu, tmp_path_factory, plan):
     """The emulation must catch a real race: the same case passes with csrc/ and fails with a build
     whose forward loop lacks its closing barrier (the next chunk overwrites the tile being read)."""
-    mutant = build_emulation("lightning_peft_cuda_emu_mutant", _mutant_csrc(str(tmp_path_factory.mktemp("mutant"))))
+    mutant = build_mutant(tmp_path_factory, "no_forward_barrier")
     seed = fresh_seed()
     case = make_case(*MUTANT_SHAPE, torch.bfloat16, seed)
     context = f"(seed={seed}, plan={plan})"
@@ -219,3 +223,14 @@ def test_missing_forward_barrier_fails_under_every_plan(emu, tmp_path_factory, p
     with kernel_debug_options(mutant, poison=True, **PLANS[plan]):
         with pytest.raises(AssertionError, match="error vs fp64"):
             check_op_pair(mutant, *case, seed, 0.1, need_x=False, context=context)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unaligned_shared_memory_rows_are_reported(tmp_path_factory, dtype):
+    """Shared-memory rows padded by one element break the 16-byte alignment of vector stores and
+    WMMA's leading dimension: the emulation reports it instead of computing a plausible result."""
+    mutant = build_mutant(tmp_path_factory, "unaligned_smem_rows")
+    x, w, b, a, bb = make_case(70, 64, 24, 5, dtype, 0)
+    with pytest.raises(RuntimeError, match="CUDA emulation: (vector store: pointer not 16-byte aligned|wmma::load_matrix_sync)"):
+        mutant.lora_forward(x, w, b, a, bb, torch.tensor([1, 2], dtype=torch.int64), 1.0, 0.1, True)
