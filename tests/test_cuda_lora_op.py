@@ -156,7 +156,7 @@ MANY_TILES = [(640, 520, 72), (449, 517, 40)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_kernel_instantiation_walks_many_tiles(dtype, r):
     """Each (dtype, rank bucket) kernel with one split: forward blocks walk 9 chunks, backward
-    blocks 7-10 row tiles; poisoned outputs with guard checks; grad_x on and off."""
+    blocks 8-10 row tiles; poisoned outputs with guard checks; grad_x on and off."""
     seed = fresh_seed()
     for n, k, d in MANY_TILES:
         x, w, b, a, bb, rng = make_case((n,), k, d, r, dtype, seed)
