@@ -1,6 +1,6 @@
 // Backward pass over x with dropout, in one read of x and of the packed mask:
 //   grad_a        = d_hiddenᵀ · (x ∘ keep)            [r, K]   (fp32 partials per row split)
-//   grad_x_lora  (+)= (d_hidden · A) ∘ keep            [N, K]   (written once, 128-bit stores)
+//   grad_x_lora   = (d_hidden · A) ∘ keep              [N, K]   (written once, 128-bit stores)
 // d_hidden already carries scaling * keep_scale. The caller then runs the base GEMM dy · W with
 // beta = 1 on grad_x_lora, so dx costs one GEMM plus one write of the LoRA term.
 //
@@ -44,7 +44,7 @@ template <typename raw_t, int RF> struct GradTiles<raw_t, RF, true> {
   __device__ void grad_a_tile(const raw_t* ds, int ldd, const raw_t* xs, int ldx) {
     using namespace nvcuda;
     const int warp = threadIdx.x / 32;
-#pragma unroll
+#pragma unroll(RF >= 8 ? 1 : 4)  // rolled at R = 128: fewer live fragments (it spilled when unrolled)
     for (int kk = 0; kk < kTileRows / 16; ++kk) {  // contraction over the tile's rows
       wmma::fragment<wmma::matrix_b, 16, 16, 16, raw_t, wmma::row_major> fb;
       wmma::load_matrix_sync(fb, xs + kk * 16 * ldx + warp * 16, ldx);
@@ -64,7 +64,7 @@ template <typename raw_t, int RF> struct GradTiles<raw_t, RF, true> {
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[kTileCols / 16];
 #pragma unroll
     for (int j = 0; j < kTileCols / 16; ++j) wmma::fill_fragment(c[j], 0.0f);
-#pragma unroll
+#pragma unroll(RF >= 8 ? 1 : RF)  // rolled at R = 128, as above
     for (int kk = 0; kk < RF; ++kk) {  // contraction over the rank
       wmma::fragment<wmma::matrix_a, 16, 16, 16, raw_t, wmma::row_major> fa;
       wmma::load_matrix_sync(fa, ds + warp * 16 * ldd + kk * 16, ldd);
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
                         const uint8_t* __restrict__ mask, int64_t mask_ld,                              //
                         const raw_t* __restrict__ dh, int r,                                            //
                         const raw_t* __restrict__ a, bool vec_ok_a,                                     //
-                        raw_t* __restrict__ gx, bool accumulate, bool vec_ok_gx,                        //
+                        raw_t* __restrict__ gx, bool vec_ok_gx,                                         //
                         float* __restrict__ ga_ws, int64_t ga_ld, int64_t rows_per_split) {
   using Smem = GradSmem<raw_t, RF>;
   constexpr int R = Smem::kRank;
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
     const int j = e / kVecsPerRow;
     const int col8 = e % kVecsPerRow;
     const Vec8<raw_t> v = j < r ? load_vec8(a + static_cast<int64_t>(j) * K, kc + col8 * 8, K, vec_ok_a) : zero_vec<raw_t>();
-    *reinterpret_cast<Vec8<raw_t>*>(as + j * LDX + col8 * 8) = v;
+    store_vec(as + j * LDX + col8 * 8, v);
   }
 
   GradTiles<raw_t, RF, UseTensorCores<raw_t>::value> tiles;
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kThreads)
       int row, col8;
       vec_coords(tid, i, row, col8);
       bits[i] = next_bits[i];
-      *reinterpret_cast<Vec8<raw_t>*>(xs + row * LDX + col8 * 8) = apply_keep_bits(next[i], bits[i]);
+      store_vec(xs + row * LDX + col8 * 8, apply_keep_bits(next[i], bits[i]));
     }
     for (int e = tid; e < kTileRows * R; e += kThreads) {
       const int row = e / R;
@@ -217,17 +217,10 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t n = n0 + row;
         const int64_t col = kc + col8 * 8;
         if (n >= n_end || col >= K) continue;
-        raw_t* out_row = gx + n * K;
-        Vec8<raw_t> old;
-        if (accumulate) old = load_vec8(out_row, col, K, vec_ok_gx);
         Vec8<raw_t> v;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          float val = ((bits[i] >> e) & 1u) ? cs[row * LDC + col8 * 8 + e] : 0.0f;
-          if (accumulate) val += to_float(old.v[e]);
-          v.v[e] = from_float<raw_t>(val);
-        }
-        store_vec8(out_row, col, K, vec_ok_gx, v);
+        for (int e = 0; e < 8; ++e) v.v[e] = from_float<raw_t>(((bits[i] >> e) & 1u) ? cs[row * LDC + col8 * 8 + e] : 0.0f);
+        store_vec8(gx + n * K, col, K, vec_ok_gx, v);
       }
     }
   }
@@ -247,14 +240,14 @@ void launch_grad(const DropoutGradArgs& args, const SplitPlan& plan, cudaStream_
   const bool vec_ok_gx = args.K % 8 == 0 && reinterpret_cast<uintptr_t>(gp) % 16 == 0;
   const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.splits));
   LIGHTNING_PEFT_LAUNCH(kernel, grid, kThreads, smem, stream, xp, args.ldx, args.N, args.K, vec_ok_x, args.mask, (args.K + 7) / 8,
-                        static_cast<const raw_t*>(args.d_hidden), args.r, ap, vec_ok_a, gp, args.accumulate, vec_ok_gx, args.ws,
+                        static_cast<const raw_t*>(args.d_hidden), args.r, ap, vec_ok_a, gp, vec_ok_gx, args.ws,
                         plan.ws_cols, plan.per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-SplitPlan plan_dropout_grad(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count) {
+SplitPlan plan_dropout_grad(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count, int64_t forced_splits) {
   TORCH_CHECK(r >= 1 && r <= kMaxRank, "lightning_peft CUDA kernels support rank 1..", kMaxRank, ", got ", r);
   const int rank_pad = rank_bucket(r);
   int per_sm = 1;
@@ -269,7 +262,7 @@ SplitPlan plan_dropout_grad(ElementType type, int64_t N, int64_t K, int64_t r, i
   const int64_t row_tiles = std::max<int64_t>((N + kTileRows - 1) / kTileRows, 1);
   // Split N so that the grid is one full wave of resident blocks (see plan_dropout_hidden).
   const int64_t wave = int64_t{sm_count} * per_sm;
-  int64_t splits = std::clamp<int64_t>(wave / col_tiles, 1, std::min<int64_t>(row_tiles, 65535));
+  int64_t splits = std::clamp<int64_t>(forced_splits > 0 ? forced_splits : wave / col_tiles, 1, std::min<int64_t>(row_tiles, 65535));
   const int64_t tiles_per_split = (row_tiles + splits - 1) / splits;
   splits = (row_tiles + tiles_per_split - 1) / tiles_per_split;
   TORCH_CHECK(col_tiles <= 0x7FFFFFFF, "lightning_peft_cuda: too many columns for one launch");

@@ -156,14 +156,14 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t n = row0 + row;
       const int64_t col = kc + col8 * 8;
       if (n < N && col < K) mask[n * mask_ld + col / 8] = static_cast<uint8_t>(next_bits[i]);
-      *reinterpret_cast<Vec8<raw_t>*>(xs + row * LDX + col8 * 8) = apply_keep_bits(next[i], next_bits[i]);
+      store_vec(xs + row * LDX + col8 * 8, apply_keep_bits(next[i], next_bits[i]));
     }
     // 2. A chunk [R, 64] (rows >= r and columns >= K are zero). A is small and stays in L2.
     for (int e = tid; e < R * kVecsPerRow; e += kThreads) {
       const int j = e / kVecsPerRow;
       const int col8 = e % kVecsPerRow;
       const Vec8<raw_t> v = j < r ? load_vec8(a + static_cast<int64_t>(j) * K, kc + col8 * 8, K, vec_ok_a) : zero_vec<raw_t>();
-      *reinterpret_cast<Vec8<raw_t>*>(as + j * LDX + col8 * 8) = v;
+      store_vec(as + j * LDX + col8 * 8, v);
     }
     __syncthreads();
     if (kc + kTileCols < k_end) fetch(kc + kTileCols);  // next chunk's loads overlap this chunk's math
@@ -190,7 +190,7 @@ void launch_hidden(const DropoutHiddenArgs& args, const SplitPlan& plan, cudaStr
 
 }  // namespace
 
-SplitPlan plan_dropout_hidden(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count) {
+SplitPlan plan_dropout_hidden(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count, int64_t forced_splits) {
   TORCH_CHECK(r >= 1 && r <= kMaxRank, "lightning_peft CUDA kernels support rank 1..", kMaxRank, ", got ", r);
   const int rank_pad = rank_bucket(r);
   int per_sm = 1;
@@ -206,7 +206,7 @@ SplitPlan plan_dropout_hidden(ElementType type, int64_t N, int64_t K, int64_t r,
   // Split K so that the grid is one full wave of resident blocks (each block then streams its
   // K range): no second, mostly idle wave. With many rows, no split at all.
   const int64_t wave = int64_t{sm_count} * per_sm;
-  int64_t splits = std::clamp<int64_t>(wave / row_tiles, 1, std::min<int64_t>(chunks, 65535));
+  int64_t splits = std::clamp<int64_t>(forced_splits > 0 ? forced_splits : wave / row_tiles, 1, std::min<int64_t>(chunks, 65535));
   const int64_t chunks_per_split = (chunks + splits - 1) / splits;
   splits = (chunks + chunks_per_split - 1) / chunks_per_split;
   TORCH_CHECK(row_tiles <= 0x7FFFFFFF, "lightning_peft_cuda: too many rows for one launch");

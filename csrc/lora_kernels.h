@@ -32,10 +32,11 @@ struct SplitPlan {
 };
 
 /// Forward: x ∘ keep times Aᵀ, split over K so that the grid fills one wave of resident blocks.
-SplitPlan plan_dropout_hidden(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count);
+/// `forced_splits` > 0 (tests only) overrides the count, capped at the number of 64-column chunks.
+SplitPlan plan_dropout_hidden(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count, int64_t forced_splits = 0);
 
 /// Backward: split over N (each block owns 64 columns of x for a range of rows), same rule.
-SplitPlan plan_dropout_grad(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count);
+SplitPlan plan_dropout_grad(ElementType type, int64_t N, int64_t K, int64_t r, int sm_count, int64_t forced_splits = 0);
 
 struct DropoutHiddenArgs {
   const void* x;  // [N, K], unit column stride, row stride ldx
@@ -59,13 +60,12 @@ struct DropoutGradArgs {
   const void* d_hidden;  // [N, r] contiguous, already scaled by scaling * keep_scale
   int r;
   const void* a;      // [r, K] contiguous
-  void* grad_x_lora;  // [N, K] contiguous, or nullptr to skip it
-  bool accumulate;    // add into grad_x_lora instead of overwriting it
+  void* grad_x_lora;  // out: [N, K] contiguous, or nullptr to skip it
   float* ws;          // out: [splits, R, ws_cols] fp32 partials of d_hiddenᵀ · (x ∘ keep)
 };
 
 /// One pass over x and the mask bits: grad_a partials d_hiddenᵀ · (x ∘ keep) into ws, and
-/// grad_x_lora (+)= (d_hidden · A) ∘ keep.
+/// grad_x_lora = (d_hidden · A) ∘ keep.
 void launch_dropout_grad(ElementType type, const DropoutGradArgs& args, const SplitPlan& plan, cudaStream_t stream);
 
 /// out[i, j] = scale * sum_s ws[s * split_stride + i * ld + j], i < rows, j < cols; out contiguous.

@@ -1,8 +1,9 @@
 // CUDA implementation of the LoRA linear op pair, registered as private ops
 //   lightning_peft_cuda::lora_forward / lora_backward
 // that lightning_peft/ops/cuda_backend.py calls from the CUDA kernel of the public
-// lightning_peft::lora_linear_forward / lora_linear_backward ops (schemas and shapes: see
-// lightning_peft/ops/lora_linear.py). The extra `flags` argument selects debug and A/B variants.
+// lightning_peft::lora_linear_forward / lora_linear_backward ops (same schemas and shapes: see
+// lightning_peft/ops/lora_linear.py), plus lightning_peft_cuda::set_debug_options, which only the
+// tests and the GPU check call (poisoned outputs with guard checks, a forced split plan).
 //
 // Work split: the big GEMMs (x·Wᵀ, dy·W) and the skinny ones of the rank-r factors run on cuBLAS
 // through ATen; the passes over x that need the dropout mask are the fused kernels in the .cu files.
@@ -19,6 +20,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -32,9 +34,17 @@ namespace {
 
 using at::Tensor;
 
-// Bits of the `flags` argument.
-constexpr int64_t kFlagPostAdd = 1;  // add the LoRA term after the base GEMM (A/B comparison)
-constexpr int64_t kFlagPoison = 2;   // fill outputs and workspaces with NaN / 0xFF first (tests)
+/// Test-only switches (set_debug_options); all off in normal use.
+struct DebugOptions {
+  std::atomic<bool> poison{false};       // outputs / workspaces start as NaN (0xFF bytes) + checked guard tails
+  std::atomic<int64_t> splits{0};        // > 0: force this many splits (1 = every block walks all chunks / row tiles)
+  std::atomic<int64_t> sm_count{0};      // > 0: plan for this many SMs instead of the device's
+};
+
+DebugOptions& debug() {
+  static DebugOptions options;
+  return options;
+}
 
 constexpr int kDropLevels = 1 << 16;
 
@@ -60,11 +70,41 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
-Tensor empty_like_rows(int64_t rows, int64_t cols, const Tensor& like, bool poison) {
-  Tensor t = at::empty({rows, cols}, like.options().memory_format(at::MemoryFormat::Contiguous));
-  if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
+constexpr int64_t kGuard = 256;  // elements of NaN / 0xFF after each poisoned allocation
+
+/// Allocations of one op call. With poisoning on, each is the head of a buffer filled with NaN
+/// (0xFF for bytes) that runs kGuard elements past its end; check() then proves no kernel wrote
+/// past an output and every element of it was written (the callers check the values).
+class Allocator {
+ public:
+  explicit Allocator(bool poison) : poison_(poison) {}
+
+  Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    if (!poison_) return at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+    const int64_t numel = c10::multiply_integers(sizes);
+    Tensor buffer = at::empty({numel + kGuard}, options);
+    if (buffer.scalar_type() == at::kByte) {
+      buffer.fill_(0xFF);
+    } else {
+      buffer.fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+    buffers_.emplace_back(buffer, numel);
+    return buffer.narrow(0, 0, numel).view(sizes);
+  }
+
+  void check() const {
+    for (const auto& [buffer, numel] : buffers_) {
+      const Tensor guard = buffer.narrow(0, numel, kGuard);
+      const bool intact = buffer.scalar_type() == at::kByte ? guard.eq(0xFF).all().item<bool>() : guard.isnan().all().item<bool>();
+      TORCH_CHECK(intact, "lightning_peft_cuda: a kernel wrote past the end of a ", buffer.scalar_type(), " buffer of ", numel,
+                  " elements (guard overwritten)");
+    }
+  }
+
+ private:
+  bool poison_;
+  std::vector<std::pair<Tensor, int64_t>> buffers_;
+};
 
 ElementType element_type(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -76,33 +116,33 @@ ElementType element_type(const Tensor& t) {
 }
 
 // The CPU emulation build (csrc/emulation/, tests only) runs this file on CPU tensors: no device
-// guard, no stream, a pretend 4-SM device (small waves, so the split paths are exercised).
+// guard, no stream, a pretend 4-SM device with 2 blocks per SM (small waves, so the split paths
+// are exercised) unless set_debug_options asks for another plan.
 #ifndef LIGHTNING_PEFT_EMULATE
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+int device_sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 #define LIGHTNING_PEFT_DEVICE_GUARD(t) const c10::cuda::CUDAGuard device_guard((t).device())
 #else
-int sm_count() { return 4; }
+int device_sm_count() { return 4; }
 cudaStream_t current_stream() { return nullptr; }
 #define LIGHTNING_PEFT_DEVICE_GUARD(t) (void)(t)
 #endif
 
-Tensor workspace(const SplitPlan& plan, const Tensor& like, bool poison) {
-  Tensor ws = at::empty({plan.splits, plan.ws_rows, plan.ws_cols}, like.options().dtype(at::kFloat));
-  if (poison) ws.fill_(std::numeric_limits<float>::quiet_NaN());
-  return ws;
+int sm_count() {
+  const int64_t forced = debug().sm_count.load();
+  return forced > 0 ? static_cast<int>(forced) : device_sm_count();
 }
 
 /// hidden = keep_scale * (x ∘ keep) · Aᵀ and the packed keep bits, in one pass over x.
-void dropout_hidden(const Tensor& x2, const Tensor& a, const Tensor& rng, uint32_t p16, Tensor& mask, Tensor& hidden, bool poison) {
+void dropout_hidden(const Tensor& x2, const Tensor& a, const Tensor& rng, uint32_t p16, Tensor& mask, Tensor& hidden, Allocator& alloc) {
   const int64_t N = x2.size(0), K = x2.size(1), r = a.size(0);
   if (N == 0) return;
   if (K == 0) {
     hidden.zero_();
     return;
   }
-  const SplitPlan plan = plan_dropout_hidden(element_type(x2), N, K, r, sm_count());
-  Tensor ws = workspace(plan, x2, poison);
+  const SplitPlan plan = plan_dropout_hidden(element_type(x2), N, K, r, sm_count(), debug().splits.load());
+  Tensor ws = alloc.empty({plan.splits, plan.ws_rows, plan.ws_cols}, x2.options().dtype(at::kFloat));
   const DropoutHiddenArgs args{x2.data_ptr(), x2.stride(0), N, K, a.data_ptr(), static_cast<int>(r), rng.data_ptr<int64_t>(),
                                p16, mask.data_ptr<uint8_t>(), ws.data_ptr<float>()};
   const cudaStream_t stream = current_stream();
@@ -113,25 +153,32 @@ void dropout_hidden(const Tensor& x2, const Tensor& a, const Tensor& rng, uint32
 
 /// grad_a = d_hiddenᵀ · (x ∘ keep) and grad_x_lora (+)= (d_hidden · A) ∘ keep, in one pass over x.
 void dropout_grad(const Tensor& x2, const Tensor& mask, const Tensor& d_hidden, const Tensor& a, Tensor& grad_x_lora,
-                  bool accumulate, Tensor& grad_a, bool poison) {
+                  Tensor& grad_a, Allocator& alloc) {
   const int64_t N = x2.size(0), K = x2.size(1), r = a.size(0);
   if (K == 0) return;
   if (N == 0) {
     grad_a.zero_();
     return;
   }
-  const SplitPlan plan = plan_dropout_grad(element_type(x2), N, K, r, sm_count());
-  Tensor ws = workspace(plan, x2, poison);
+  const SplitPlan plan = plan_dropout_grad(element_type(x2), N, K, r, sm_count(), debug().splits.load());
+  Tensor ws = alloc.empty({plan.splits, plan.ws_rows, plan.ws_cols}, x2.options().dtype(at::kFloat));
   const DropoutGradArgs args{x2.data_ptr(), x2.stride(0), N, K, mask.data_ptr<uint8_t>(), d_hidden.data_ptr(), static_cast<int>(r),
-                             a.data_ptr(), grad_x_lora.defined() ? grad_x_lora.data_ptr() : nullptr, accumulate,
-                             ws.data_ptr<float>()};
+                             a.data_ptr(), grad_x_lora.defined() ? grad_x_lora.data_ptr() : nullptr, ws.data_ptr<float>()};
   const cudaStream_t stream = current_stream();
   launch_dropout_grad(element_type(x2), args, plan, stream);
   launch_reduce_splits(element_type(x2), ws.data_ptr<float>(), plan.splits, ws.stride(0), plan.ws_cols, r, K, 1.0f,
                        grad_a.data_ptr(), stream);
 }
 
-void check_common(const Tensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b) {
+void check_same(const Tensor& t, const char* name, const Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), "lightning_peft_cuda: ", name, " is on ", t.device(), " but x is on ", x.device(),
+              " (move the module and its inputs to one device)");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lightning_peft_cuda: dtype mismatch: x is ", x.scalar_type(), " but ", name,
+              " is ", t.scalar_type(), " (use autocast or cast the module)");
+}
+
+void check_common(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_a,
+                  const Tensor& lora_b) {
 #ifndef LIGHTNING_PEFT_EMULATE
   TORCH_CHECK(x.is_cuda(), "lightning_peft_cuda: x must be a CUDA tensor");
 #endif
@@ -141,66 +188,59 @@ void check_common(const Tensor& x, const Tensor& weight, const Tensor& lora_a, c
   TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == K, "lightning_peft_cuda: lora_a must be [r, K]");
   TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(0) == weight.size(0) && lora_b.size(1) == lora_a.size(0),
               "lightning_peft_cuda: lora_b must be [D, r]");
-  for (const Tensor* t : {&weight, &lora_a, &lora_b}) {
-    TORCH_CHECK(t->device() == x.device(), "lightning_peft_cuda: all tensors must be on ", x.device());
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "lightning_peft_cuda: dtype mismatch: x is ", x.scalar_type(),
-                " but a parameter is ", t->scalar_type(), " (use autocast or cast the module)");
+  check_same(weight, "weight", x);
+  check_same(lora_a, "lora_a", x);
+  check_same(lora_b, "lora_b", x);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "lightning_peft_cuda: bias must be [D] = [",
+                weight.size(0), "], got ", bias->sizes());
+    check_same(*bias, "bias", x);
   }
 }
 
 std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                                  const Tensor& lora_a, const Tensor& lora_b, const Tensor& rng,
-                                                 double scaling, double dropout_p, bool training, int64_t flags) {
-  check_common(x, weight, lora_a, lora_b);
+                                                 double scaling, double dropout_p, bool training) {
+  check_common(x, weight, bias, lora_a, lora_b);
   TORCH_CHECK(rng.scalar_type() == at::kLong && rng.numel() == 2, "lightning_peft_cuda: rng must be int64 [2]");
+  TORCH_CHECK(rng.device() == x.device(), "lightning_peft_cuda: rng is on ", rng.device(), " but x is on ", x.device(),
+              ": keep the (seed, offset) tensor on the device (a module buffer moves with .to(device)); "
+              "the kernels read it there, so CUDA graphs replay with its current value");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "lightning_peft_cuda: dropout_p must be in [0, 1)");
   LIGHTNING_PEFT_DEVICE_GUARD(x);
-  const bool poison = flags & kFlagPoison;
+  Allocator alloc(debug().poison.load());
   const int64_t K = x.size(-1), D = weight.size(0), r = lora_a.size(0);
   const Tensor x2 = rows_of(x, K);  // [N, K]
   const int64_t N = x2.size(0);
   const Tensor a = lora_a.contiguous();
 
-  Tensor hidden = empty_like_rows(N, r, x, poison);  // [N, r]
+  Tensor hidden = alloc.empty({N, r}, x.options());
   Tensor mask;
   if (training && dropout_p > 0.0) {
-    const uint32_t p16 = drop_threshold(dropout_p);
-    mask = at::empty({N, (K + 7) / 8}, x.options().dtype(at::kByte));
-    if (poison) mask.fill_(0xFF);
-    const Tensor rng_dev = rng.device() == x.device() ? rng.contiguous() : rng.to(x.device()).contiguous();
-    dropout_hidden(x2, a, rng_dev, p16, mask, hidden, poison);
+    mask = alloc.empty({N, (K + 7) / 8}, x.options().dtype(at::kByte));
+    dropout_hidden(x2, a, rng.contiguous(), drop_threshold(dropout_p), mask, hidden, alloc);
   } else {
     mask = at::empty({0}, x.options().dtype(at::kByte));
     at::mm_out(hidden, x2, a.t());  // eval / p == 0: no mask work at all
   }
 
-  Tensor y = empty_like_rows(N, D, x, poison);  // [N, D]
-  if (flags & kFlagPostAdd) {
-    if (bias.has_value() && bias->defined()) {
-      at::addmm_out(y, *bias, x2, weight.t());
-    } else {
-      at::mm_out(y, x2, weight.t());
-    }
-    y.addmm_(hidden, lora_b.t(), 1.0, scaling);  // reads and writes y once more
+  Tensor y = alloc.empty({N, D}, x.options());
+  if (bias.has_value() && bias->defined()) {
+    at::addmm_out(y, *bias, hidden, lora_b.t(), 1.0, scaling);
   } else {
-    if (bias.has_value() && bias->defined()) {
-      at::addmm_out(y, *bias, hidden, lora_b.t(), 1.0, scaling);
-    } else {
-      at::addmm_out(y, y, hidden, lora_b.t(), 0.0, scaling);  // beta = 0: y's old contents are ignored
-    }
-    y.addmm_(x2, weight.t());  // beta = 1: the base GEMM accumulates onto the LoRA term
+    at::addmm_out(y, y, hidden, lora_b.t(), 0.0, scaling);  // beta = 0: y's old contents are ignored
   }
+  y.addmm_(x2, weight.t());  // beta = 1: the base GEMM accumulates onto the LoRA term
+  alloc.check();
   return {y.view(with_last(x.sizes(), D)), hidden, mask};
 }
 
 std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
                                                  const Tensor& lora_a, const Tensor& lora_b, const Tensor& lora_hidden,
-                                                 const Tensor& mask, double scaling, double dropout_p, bool compute_grad_x,
-                                                 int64_t flags) {
-  check_common(x, weight, lora_a, lora_b);
+                                                 const Tensor& mask, double scaling, double dropout_p, bool compute_grad_x) {
+  check_common(x, weight, std::nullopt, lora_a, lora_b);
   LIGHTNING_PEFT_DEVICE_GUARD(x);
-  const bool poison = flags & kFlagPoison;
-  const bool post_add = flags & kFlagPostAdd;
+  Allocator alloc(debug().poison.load());
   const int64_t K = x.size(-1), D = weight.size(0), r = lora_a.size(0);
   const Tensor x2 = rows_of(x, K);                 // [N, K]
   const Tensor g2 = rows_of(grad_y, D);            // [N, D]
@@ -215,70 +255,87 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Ten
 
   // The two skinny GEMMs over dy: grad_b = s dyᵀ h [D, r] and d_hidden = s ks dy B [N, r].
   // beta = 0 ignores the outputs' old contents; the scales ride on cuBLAS's alpha.
-  Tensor grad_b = empty_like_rows(D, r, x, poison);
+  Tensor grad_b = alloc.empty({D, r}, x.options());
   at::addmm_out(grad_b, grad_b, g2.t(), lora_hidden, 0.0, scaling);
-  Tensor d_hidden = empty_like_rows(N, r, x, poison);
+  Tensor d_hidden = alloc.empty({N, r}, x.options());
   at::addmm_out(d_hidden, d_hidden, g2, lora_b, 0.0, dh_scale);
 
-  Tensor grad_a = empty_like_rows(r, K, x, poison);  // [r, K]
+  Tensor grad_a = alloc.empty({r, K}, x.options());  // [r, K]
   Tensor gx;                                         // [N, K]
-  if (compute_grad_x) gx = empty_like_rows(N, K, x, poison);
+  if (compute_grad_x) gx = alloc.empty({N, K}, x.options());
   if (dropout) {
     TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 2 && mask.size(0) == N && mask.size(1) == (K + 7) / 8,
                 "lightning_peft_cuda: mask must be uint8 [N, ceil(K/8)] when dropout_p > 0");
-    const Tensor m = mask.contiguous();
-    if (compute_grad_x && post_add) at::mm_out(gx, g2, weight);
-    dropout_grad(x2, m, d_hidden, a, gx, /*accumulate=*/post_add, grad_a, poison);
-    if (compute_grad_x && !post_add) gx.addmm_(g2, weight);  // beta = 1 onto the masked LoRA term
+    TORCH_CHECK(mask.device() == x.device(), "lightning_peft_cuda: mask is on ", mask.device(), " but x is on ", x.device());
+    dropout_grad(x2, mask.contiguous(), d_hidden, a, gx, grad_a, alloc);
+    if (compute_grad_x) gx.addmm_(g2, weight);  // beta = 1 onto the masked LoRA term
   } else {
     at::mm_out(grad_a, d_hidden.t(), x2);
     if (compute_grad_x) {
-      if (post_add) {
-        at::mm_out(gx, g2, weight);
-        gx.addmm_(d_hidden, a);
-      } else {
-        at::mm_out(gx, d_hidden, a);
-        gx.addmm_(g2, weight);
-      }
+      at::mm_out(gx, d_hidden, a);
+      gx.addmm_(g2, weight);
     }
   }
+  alloc.check();
   Tensor grad_x = compute_grad_x ? gx.view(x.sizes()) : at::empty({0}, x.options());
   return {grad_x, grad_a, grad_b};
+}
+
+/// Set the test-only switches (see DebugOptions; negative values leave one unchanged) and return
+/// the previous values [poison, splits, sm_count], so that callers can restore them. In the
+/// emulation build, `schedule` = [thread order, block order, seed] of the CPU scheduler.
+std::vector<int64_t> set_debug_options(int64_t poison, int64_t splits, int64_t sm_count, at::IntArrayRef schedule) {
+  DebugOptions& d = debug();
+  std::vector<int64_t> previous{d.poison.load(), d.splits.load(), d.sm_count.load()};
+  if (poison >= 0) d.poison = poison != 0;
+  if (splits >= 0) d.splits = splits;
+  if (sm_count >= 0) d.sm_count = sm_count;
+#ifdef LIGHTNING_PEFT_EMULATE
+  emu::Schedule& s = emu::schedule();
+  previous.insert(previous.end(), {s.threads, s.blocks, static_cast<int64_t>(s.seed)});
+  if (schedule.size() >= 1 && schedule[0] >= 0) s.threads = schedule[0];
+  if (schedule.size() >= 2 && schedule[1] >= 0) s.blocks = schedule[1];
+  if (schedule.size() >= 3 && schedule[2] >= 0) s.seed = static_cast<uint64_t>(schedule[2]);
+#else
+  TORCH_CHECK(schedule.empty(), "lightning_peft_cuda: a schedule exists only in the CPU emulation");
+#endif
+  return previous;
 }
 
 }  // namespace
 }  // namespace lightning_peft_cuda
 
+// The CPU emulation build registers the same ops for CPU tensors in another namespace
+// (LIGHTNING_PEFT_EMU_NAMESPACE, so that a test can load a second, mutated build beside it).
 #ifndef LIGHTNING_PEFT_EMULATE
-TORCH_LIBRARY(lightning_peft_cuda, m) {
-  m.def(
-      "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor rng, float scaling, "
-      "float dropout_p, bool training, int flags) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor lora_hidden, "
-      "Tensor mask, float scaling, float dropout_p, bool compute_grad_x, int flags) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(lightning_peft_cuda, CUDA, m) {
-  m.impl("lora_forward", &lightning_peft_cuda::lora_forward);
-  m.impl("lora_backward", &lightning_peft_cuda::lora_backward);
-}
-
+#define LIGHTNING_PEFT_NAMESPACE lightning_peft_cuda
+#define LIGHTNING_PEFT_DISPATCH_KEY CUDA
 #else
-TORCH_LIBRARY(lightning_peft_cuda_emu, m) {  // same schemas, CPU tensors through the emulated kernels
+#ifndef LIGHTNING_PEFT_EMU_NAMESPACE
+#define LIGHTNING_PEFT_EMU_NAMESPACE lightning_peft_cuda_emu
+#endif
+#define LIGHTNING_PEFT_NAMESPACE LIGHTNING_PEFT_EMU_NAMESPACE
+#define LIGHTNING_PEFT_DISPATCH_KEY CPU
+#endif
+// One more macro level, so that the namespace macro expands before TORCH_LIBRARY pastes it.
+#define LIGHTNING_PEFT_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define LIGHTNING_PEFT_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+LIGHTNING_PEFT_LIBRARY(LIGHTNING_PEFT_NAMESPACE, m) {
   m.def(
       "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor rng, float scaling, "
-      "float dropout_p, bool training, int flags) -> (Tensor, Tensor, Tensor)");
+      "float dropout_p, bool training) -> (Tensor, Tensor, Tensor)");
   m.def(
       "lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor lora_hidden, "
-      "Tensor mask, float scaling, float dropout_p, bool compute_grad_x, int flags) -> (Tensor, Tensor, Tensor)");
+      "Tensor mask, float scaling, float dropout_p, bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
+  m.def("set_debug_options(int poison, int splits, int sm_count, int[] schedule=[]) -> int[]",
+        &lightning_peft_cuda::set_debug_options);
 }
 
-TORCH_LIBRARY_IMPL(lightning_peft_cuda_emu, CPU, m) {
+LIGHTNING_PEFT_LIBRARY_IMPL(LIGHTNING_PEFT_NAMESPACE, LIGHTNING_PEFT_DISPATCH_KEY, m) {
   m.impl("lora_forward", &lightning_peft_cuda::lora_forward);
   m.impl("lora_backward", &lightning_peft_cuda::lora_backward);
 }
-#endif
 
 #ifndef LIGHTNING_PEFT_EMULATE
 // `import lightning_peft._C` loads this library (running the registrations above); the module

@@ -104,12 +104,36 @@ template <typename raw_t> __device__ __forceinline__ Vec8<raw_t> zero_vec() {
   return out;
 }
 
+/// One whole-vector access at `p` (128-bit loads / stores); the emulation checks the alignment
+/// the hardware needs (a misaligned vector access is an error on a GPU).
+/// (The emulation copies bytewise after the check: the host compiler's aligned SSE moves would
+/// crash on the misaligned address instead of reporting it.)
+template <typename raw_t> __device__ __forceinline__ Vec8<raw_t> load_vec(const raw_t* p) {
+#ifdef LIGHTNING_PEFT_EMULATE
+  emu::check_aligned(p, alignof(Vec8<raw_t>), "vector load");
+  Vec8<raw_t> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+#else
+  return *reinterpret_cast<const Vec8<raw_t>*>(p);
+#endif
+}
+
+template <typename raw_t> __device__ __forceinline__ void store_vec(raw_t* p, const Vec8<raw_t>& v) {
+#ifdef LIGHTNING_PEFT_EMULATE
+  emu::check_aligned(p, alignof(Vec8<raw_t>), "vector store");
+  std::memcpy(p, &v, sizeof(v));
+#else
+  *reinterpret_cast<Vec8<raw_t>*>(p) = v;
+#endif
+}
+
 /// Load 8 elements of `row_ptr` starting at column `col`; columns >= `cols` read as 0.
 /// `vec_ok` (whole vectors aligned to 16 B and K % 8 == 0) selects 128-bit loads.
 template <typename raw_t>
 __device__ __forceinline__ Vec8<raw_t> load_vec8(const raw_t* row_ptr, int64_t col, int64_t cols, bool vec_ok) {
   if (vec_ok) {
-    if (col < cols) return *reinterpret_cast<const Vec8<raw_t>*>(row_ptr + col);
+    if (col < cols) return load_vec(row_ptr + col);
     return zero_vec<raw_t>();
   }
   Vec8<raw_t> out;
@@ -122,7 +146,7 @@ __device__ __forceinline__ Vec8<raw_t> load_vec8(const raw_t* row_ptr, int64_t c
 template <typename raw_t>
 __device__ __forceinline__ void store_vec8(raw_t* row_ptr, int64_t col, int64_t cols, bool vec_ok, const Vec8<raw_t>& v) {
   if (vec_ok) {
-    if (col < cols) *reinterpret_cast<Vec8<raw_t>*>(row_ptr + col) = v;
+    if (col < cols) store_vec(row_ptr + col, v);
     return;
   }
 #pragma unroll
@@ -193,7 +217,7 @@ template <typename Kernel> int resident_blocks_per_sm(Kernel kernel, size_t byte
   do {                                 \
   } while (0)
 template <typename Kernel> void allow_dynamic_smem(Kernel, size_t) {}
-template <typename Kernel> int resident_blocks_per_sm(Kernel, size_t) { return 2; }  // small waves: many splits
+template <typename Kernel> int resident_blocks_per_sm(Kernel, size_t) { return 2; }  // plans: see sm_count() in lora_ops.cpp
 #endif
 
 /// Byte offset of a shared-memory section, rounded up to 128 B.

@@ -1,13 +1,18 @@
 """The CUDA extension's own code, run on the CPU: csrc/ compiled by the host compiler against
-csrc/emulation/cuda_emulation.h (threads + barriers for blocks, whole-tile WMMA semantics).
+csrc/emulation/cuda_emulation.h (fibers + a deterministic, adversarial scheduler for blocks,
+whole-tile WMMA semantics, alignment checks on every WMMA and vector access).
 
 This checks, without a GPU, everything about the kernels except the hardware: tile and index
 math, bounds at partial tiles, 128-bit and scalar load paths, the Philox keep bits (bit-exact
 against an independent implementation), the WMMA operand layouts (fp16/bf16) and the FMA path
-(fp32), the split-K / split-N partials and their reduction, and the host orchestration in
-lora_ops.cpp (cuBLAS calls become CPU matmuls). All outputs and workspaces are poisoned first.
-The build takes ~30 s (cached in torch's extensions directory); it needs the CUDA toolkit's
-headers, so machines without them skip with reason "needs CUDA".
+(fp32), the split-K / split-N partials and their reduction, the barriers (threads run one at a
+time between barriers, in ascending, descending or shuffled order; blocks in any order), and the
+host orchestration in lora_ops.cpp (cuBLAS calls become CPU matmuls). Inputs sit in NaN-guarded
+memory (NaN after their end and in the row padding of strided views); outputs and workspaces are
+poisoned, with guard tails checked after each call. Each case runs under one of three split plans:
+one split (every block walks all its chunks / row tiles), the default pretend 4-SM device, and an
+H200-like 132-SM device. The build takes ~1 min (cached in torch's extensions directory); it
+needs the CUDA toolkit's headers, so machines without them skip with reason "needs CUDA".
 """
 
 from __future__ import annotations
@@ -22,11 +27,19 @@ import pytest
 import torch
 
 from lightning_peft.ops.dropout_mask import unpack_mask
-from test_cuda_reference import assert_flash_rule, fresh_seed, hidden_eager, lora_eager, philox_mask_reference
+from test_cuda_reference import (
+    assert_flash_rule,
+    fresh_seed,
+    hidden_eager,
+    kernel_debug_options,
+    lora_eager,
+    nan_guarded,
+    philox_mask_reference,
+)
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-POISON = 2  # csrc/lora_ops.cpp kFlagPoison
-POST_ADD = 1  # csrc/lora_ops.cpp kFlagPostAdd
+PLANS = {"1x1": {"splits": 1}, "default": {}, "h200": {"sm_count": 132}}  # kernel_debug_options arguments
+ASC, DESC, SHUFFLED = 0, 1, 2  # emulated schedule orders (csrc/emulation/cuda_emulation.h)
 
 
 def _cuda_include_dir():
@@ -40,46 +53,55 @@ def _cuda_include_dir():
     return None
 
 
-@pytest.fixture(scope="module")
-def emu():
-    """Build (or reuse) the emulation library and return torch.ops.lightning_peft_cuda_emu."""
+def build_emulation(name: str, csrc: str = CSRC):
+    """Build (or reuse) csrc/ against the emulation as library ``name``; returns ``torch.ops.<name>``."""
     include = _cuda_include_dir()
     if include is None:
         pytest.skip("needs CUDA (the toolkit headers, for the emulation build)")
-    if not hasattr(torch.ops, "lightning_peft_cuda_emu") or not hasattr(torch.ops.lightning_peft_cuda_emu, "lora_forward"):
+    if not hasattr(torch.ops, name) or not hasattr(getattr(torch.ops, name), "lora_forward"):
         from torch.utils import cpp_extension
 
         digest = hashlib.sha256()
-        for path in sorted(glob.glob(os.path.join(CSRC, "**", "*"), recursive=True)):
+        for path in sorted(glob.glob(os.path.join(csrc, "**", "*"), recursive=True)):
             if os.path.isfile(path):
                 with open(path, "rb") as fh:
                     digest.update(fh.read())
         cpp_extension.load(
-            name="lightning_peft_cuda_emu",
-            sources=[os.path.join(CSRC, "emulation", "emulated_ops.cpp")],
-            extra_include_paths=[CSRC, include],
+            name=name,
+            sources=[os.path.join(csrc, "emulation", "emulated_ops.cpp")],
+            extra_include_paths=[csrc, include],
             # the hash makes torch rebuild whenever any csrc/ file changes
-            extra_cflags=["-O2", "-DLIGHTNING_PEFT_EMULATE", "-Wno-attributes", f"-DLIGHTNING_PEFT_SOURCES_{digest.hexdigest()[:16]}"],
+            extra_cflags=["-O2", "-DLIGHTNING_PEFT_EMULATE", f"-DLIGHTNING_PEFT_EMU_NAMESPACE={name}", "-Wno-attributes",
+                          f"-DLIGHTNING_PEFT_SOURCES_{digest.hexdigest()[:16]}"],
             is_python_module=False,
         )
-    return torch.ops.lightning_peft_cuda_emu
+    return getattr(torch.ops, name)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """torch.ops.lightning_peft_cuda_emu, with poisoned outputs for every test of this module."""
+    ops = build_emulation("lightning_peft_cuda_emu")
+    with kernel_debug_options(ops, poison=True):
+        yield ops
 
 
 def make_case(n, k, d, r, dtype, seed):
+    """Random inputs (never zeros), each followed in memory by NaN guards."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, k, generator=g).to(dtype)
     w = (torch.randn(d, k, generator=g) / math.sqrt(k)).to(dtype)
     b = torch.randn(d, generator=g).to(dtype)
     a = (torch.randn(r, k, generator=g) / math.sqrt(k)).to(dtype)
     bb = (torch.randn(d, r, generator=g) / math.sqrt(r)).to(dtype)
-    return x, w, b, a, bb
+    return tuple(nan_guarded(t) for t in (x, w, b, a, bb))
 
 
-def check_op_pair(op, x, w, b, a, bb, seed, p, flags, need_x=True, context=""):
+def check_op_pair(op, x, w, b, a, bb, seed, p, need_x=True, context=""):
     """Forward and backward of the emulated ops vs fp64 and plain eager with the same mask."""
     dtype, (n, k) = x.dtype, x.shape
     rng = torch.tensor([seed, 9], dtype=torch.int64)
-    y, hidden, mask = op.lora_forward(x, w, b, a, bb, rng, 1.5, p, True, flags)
+    y, hidden, mask = op.lora_forward(x, w, b, a, bb, rng, 1.5, p, True)
     if p > 0:
         assert torch.equal(mask, philox_mask_reference(seed, 9, n, k, p)), f"mask bits {context}"
         keep = unpack_mask(mask, k)
@@ -93,8 +115,8 @@ def check_op_pair(op, x, w, b, a, bb, seed, p, flags, need_x=True, context=""):
     assert_flash_rule("y", y, y_eager, y_ref, dtype, context)
     assert_flash_rule("lora_hidden", hidden, hidden_eager(x, a, keep, p), hidden_eager(x.double(), a.double(), keep, p), dtype, context)
 
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    grad_x, grad_a, grad_b = op.lora_backward(grad_y, x, w, a, bb, hidden, mask, 1.5, p, need_x, flags)
+    grad_y = nan_guarded(torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype))
+    grad_x, grad_a, grad_b = op.lora_backward(grad_y, x, w, a, bb, nan_guarded(hidden), nan_guarded(mask), 1.5, p, need_x)
     g_ref = torch.autograd.grad(y_ref, ref_in, grad_y.double())
     g_eager = torch.autograd.grad(y_eager, eager_in, grad_y)
     if need_x:
@@ -106,46 +128,109 @@ def check_op_pair(op, x, w, b, a, bb, seed, p, flags, need_x=True, context=""):
 
 
 # (N, K, D, r): partial tiles in both directions, K % 8 != 0 (scalar loads), every rank bucket.
-SHAPES = [(70, 37, 24, 5), (130, 136, 40, 17), (3, 8, 8, 1), (65, 200, 72, 100), (129, 64, 33, 64), (64, 128, 16, 32)]
+SHAPES = [(70, 37, 24, 5), (130, 136, 40, 17), (3, 8, 8, 1), (65, 200, 72, 100), (129, 64, 33, 64), (200, 264, 16, 32)]
 
 
-@pytest.mark.parametrize("post_add", [False, True], ids=["lora_first", "lora_after"])
+@pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_emulated_kernels_match_fp64(emu, dtype, shape, post_add):
+def test_emulated_kernels_match_fp64(emu, dtype, shape, plan):
     seed = fresh_seed()
     case = make_case(*shape, dtype, seed)
-    flags = POISON | (POST_ADD if post_add else 0)
-    check_op_pair(emu, *case, seed, 0.3, flags, context=f"(seed={seed}, {dtype}, {shape}, post_add={post_add})")
+    # every thread order and block order comes up across the grid of cases (cheaper than all of them for each)
+    schedule = [seed % 3, (seed // 3) % 3, seed % 1000]
+    with kernel_debug_options(emu, schedule=schedule, **PLANS[plan]):
+        check_op_pair(emu, *case, seed, 0.3, context=f"(seed={seed}, {dtype}, {shape}, plan={plan}, schedule={schedule})")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_emulated_no_dropout_path_and_no_grad_x(emu, dtype):
     seed = fresh_seed()
     case = make_case(70, 37, 24, 5, dtype, seed)
-    check_op_pair(emu, *case, seed, 0.0, POISON, context=f"(seed={seed}, p=0)")
-    check_op_pair(emu, *case, seed, 0.3, POISON, need_x=False, context=f"(seed={seed}, no grad_x)")
+    check_op_pair(emu, *case, seed, 0.0, context=f"(seed={seed}, p=0)")
+    check_op_pair(emu, *case, seed, 0.3, need_x=False, context=f"(seed={seed}, no grad_x)")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_emulated_strided_rows_read_in_place(emu, dtype):
-    """x as a row-strided view (ld = K + 24, 128-bit loads) and with an odd row stride (scalar loads)."""
+    """x as a row-strided view (ld = K + 24, 128-bit loads) and with an odd row stride (scalar loads);
+    the padding between rows is NaN, so reading it shows."""
     seed = fresh_seed()
     for k, pad in ((64, 24), (40, 3)):
         x, w, b, a, bb = make_case(67, k, 20, 9, dtype, seed)
-        wide = torch.randn(67, k + pad).to(dtype)
+        wide = nan_guarded(torch.full((67, k + pad), float("nan")).to(dtype))
         wide[:, :k] = x
         view = wide[:, :k]
         assert view.stride(0) == k + pad
-        check_op_pair(emu, view, w, b, a, bb, seed, 0.25, POISON, context=f"(seed={seed}, k={k}, row stride={k + pad})")
+        with kernel_debug_options(emu, splits=1):
+            check_op_pair(emu, view, w, b, a, bb, seed, 0.25, context=f"(seed={seed}, k={k}, row stride={k + pad})")
 
 
 def test_emulated_empty_batch(emu):
     x, w, b, a, bb = make_case(1, 24, 8, 4, torch.bfloat16, 0)
     x = x[:0]
     rng = torch.tensor([1, 2], dtype=torch.int64)
-    y, hidden, mask = emu.lora_forward(x, w, b, a, bb, rng, 1.0, 0.5, True, POISON)
+    y, hidden, mask = emu.lora_forward(x, w, b, a, bb, rng, 1.0, 0.5, True)
     assert y.shape == (0, 8) and hidden.shape == (0, 4) and mask.shape == (0, 3)
-    grad_x, grad_a, grad_b = emu.lora_backward(y, x, w, a, bb, hidden, mask, 1.0, 0.5, True, POISON)
+    grad_x, grad_a, grad_b = emu.lora_backward(y, x, w, a, bb, hidden, mask, 1.0, 0.5, True)
     assert grad_x.shape == (0, 24)
     assert torch.equal(grad_a, torch.zeros_like(grad_a)) and torch.equal(grad_b, torch.zeros_like(grad_b))
+
+
+def test_emulated_bias_device_and_dtype_errors_are_ours(emu):
+    x, w, b, a, bb = make_case(5, 16, 8, 4, torch.float32, 0)
+    rng = torch.tensor([1, 2], dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="dtype mismatch: x is Float but bias is Double"):
+        emu.lora_forward(x, w, b.double(), a, bb, rng, 1.0, 0.5, True)
+    with pytest.raises(RuntimeError, match=r"bias must be \[D\]"):
+        emu.lora_forward(x, w, b[:3], a, bb, rng, 1.0, 0.5, True)
+
+
+# A shape where every plan gives each forward block several 64-column chunks (H200-like: 100 row
+# tiles x 2 splits of 4 chunks) and the one-split plan every backward block several row tiles.
+MUTANT_SHAPE = (6400, 512, 24, 16)
+MUTATIONS = {  # name: (file in csrc/, text, replacement)
+    "no_forward_barrier": ("dropout_hidden.cu", "    acc.tile(xs, as, LDX);\n    __syncthreads();\n", "    acc.tile(xs, as, LDX);\n"),
+    "unaligned_smem_rows": ("tile_common.cuh", "return cols + 16 / static_cast<int>(sizeof(raw_t));", "return cols + 1;"),
+}
+
+
+def build_mutant(tmp_path_factory, name: str):
+    """csrc/ with one mutation, built against the emulation as its own library."""
+    file, text, replacement = MUTATIONS[name]
+    copy = os.path.join(str(tmp_path_factory.mktemp(name)), "csrc")
+    shutil.copytree(CSRC, copy)
+    path = os.path.join(copy, file)
+    with open(path, encoding="utf-8") as fh:
+        source = fh.read()
+    assert source.count(text) == 1, f"{file} changed: update the {name} mutation"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(source.replace(text, replacement))
+    return build_emulation(f"lightning_peft_cuda_emu_{name}", copy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_missing_forward_barrier_fails_under_every_plan(emu, tmp_path_factory, plan):
+    """The emulation must catch a real race: the same case passes with csrc/ and fails with a build
+    whose forward loop lacks its closing barrier (the next chunk overwrites the tile being read)."""
+    mutant = build_mutant(tmp_path_factory, "no_forward_barrier")
+    seed = fresh_seed()
+    case = make_case(*MUTANT_SHAPE, torch.bfloat16, seed)
+    context = f"(seed={seed}, plan={plan})"
+    with kernel_debug_options(emu, **PLANS[plan]):
+        check_op_pair(emu, *case, seed, 0.1, need_x=False, context=context)
+    with kernel_debug_options(mutant, poison=True, **PLANS[plan]):
+        with pytest.raises(AssertionError, match="error vs fp64"):
+            check_op_pair(mutant, *case, seed, 0.1, need_x=False, context=context)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unaligned_shared_memory_rows_are_reported(tmp_path_factory, dtype):
+    """Shared-memory rows padded by one element break the 16-byte alignment of vector stores and
+    WMMA's leading dimension: the emulation reports it instead of computing a plausible result."""
+    mutant = build_mutant(tmp_path_factory, "unaligned_smem_rows")
+    x, w, b, a, bb = make_case(70, 64, 24, 5, dtype, 0)
+    with pytest.raises(RuntimeError, match="CUDA emulation: (vector store: pointer not 16-byte aligned|wmma::load_matrix_sync)"):
+        mutant.lora_forward(x, w, b, a, bb, torch.tensor([1, 2], dtype=torch.int64), 1.0, 0.1, True)

@@ -9,8 +9,9 @@ and that the tolerance rule rejects a wrong result.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -25,6 +26,36 @@ _M32 = np.uint64(0xFFFFFFFF)
 def fresh_seed() -> int:
     """A new seed per test run (inputs must be fresh); failures print it so they can be replayed."""
     return int.from_bytes(os.urandom(4), "little")
+
+
+@contextlib.contextmanager
+def kernel_debug_options(ops, poison: Optional[bool] = None, splits: Optional[int] = None, sm_count: Optional[int] = None,
+                         schedule: Sequence[int] = ()) -> Iterator[None]:
+    """The kernels' test-only switches (csrc/lora_ops.cpp ``set_debug_options``), restored on exit.
+
+    ``ops``: ``torch.ops.lightning_peft_cuda`` (GPU) or an emulation build's namespace. ``poison``:
+    outputs and workspaces start as NaN / 0xFF with guard tails checked after each call;
+    ``splits``: force the split count (1: every block walks all its chunks / row tiles);
+    ``sm_count``: plan for that many SMs; ``schedule`` (emulation only): [thread order, block
+    order, seed] with orders 0 ascending, 1 descending, 2 shuffled. None leaves a switch as it is.
+    """
+    def value(v):
+        return -1 if v is None else int(v)
+
+    previous = ops.set_debug_options(value(poison), value(splits), value(sm_count), list(schedule))
+    try:
+        yield
+    finally:
+        ops.set_debug_options(previous[0], previous[1], previous[2], list(previous[3:]))
+
+
+def nan_guarded(t: Tensor, guard: int = 64) -> Tensor:
+    """A contiguous copy of ``t`` followed in memory by ``guard`` NaNs (0xFF for integer types):
+    a kernel reading past the end of an input then produces NaN or a wrong mask, not a silent pass."""
+    fill = float("nan") if t.is_floating_point() else 255
+    buffer = torch.full((t.numel() + guard,), fill, dtype=t.dtype, device=t.device)
+    buffer[: t.numel()].copy_(t.reshape(-1))
+    return buffer[: t.numel()].view(t.shape)
 
 
 def philox4x32_10(c0, c1, c2, c3, k0, k1):

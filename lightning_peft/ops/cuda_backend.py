@@ -21,7 +21,12 @@ run time. The cost is one Python call per op, which the custom op pays anyway.
 Environment:
     ``LIGHTNING_PEFT_FORCE_FALLBACK=1``: never use the kernels.
     ``LIGHTNING_PEFT_NO_JIT=1``: do not compile at first use (use the fallback if no build exists).
-    ``LIGHTNING_PEFT_CUDA_VARIANT=post``: add the LoRA term after the base GEMM (A/B benchmarks).
+    ``LIGHTNING_PEFT_JIT_STALE_S`` (default 600): a JIT lock file with nothing in its build
+    directory modified for this long is reported as stale (a build killed mid-way leaves it
+    behind, and torch would wait on it forever) instead of being waited on.
+
+Test-only switches of the kernels (poisoned outputs, a forced split plan) are a private op,
+``torch.ops.lightning_peft_cuda.set_debug_options``; tests/test_cuda_reference.py wraps it.
 """
 
 from __future__ import annotations
@@ -47,30 +52,26 @@ from lightning_peft.ops.lora_linear import (
 
 __all__ = [
     "ENV_FORCE_FALLBACK",
+    "ENV_JIT_STALE_S",
     "ENV_NO_JIT",
-    "ENV_VARIANT",
     "MAX_RANK",
     "force_fallback",
     "is_available",
     "jit_build",
     "load",
     "set_force_fallback",
-    "set_variant",
     "source_files",
+    "stale_jit_lock",
     "status",
 ]
 
 ENV_FORCE_FALLBACK = "LIGHTNING_PEFT_FORCE_FALLBACK"
 ENV_NO_JIT = "LIGHTNING_PEFT_NO_JIT"
-ENV_VARIANT = "LIGHTNING_PEFT_CUDA_VARIANT"
+ENV_JIT_STALE_S = "LIGHTNING_PEFT_JIT_STALE_S"
 
 MAX_RANK = 128  # the kernels keep up to 128 rank columns per tile (csrc/tile_common.cuh)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _JIT_NAME = "lightning_peft_cuda_jit"
-
-# Bits of the private ops' `flags` argument (csrc/lora_ops.cpp).
-_FLAG_POST_ADD = 1
-_FLAG_POISON = 2
 
 
 def _env_true(name: str) -> bool:
@@ -87,7 +88,6 @@ class _State:
         self.source: Optional[str] = None  # "prebuilt" | "jit"
         self.reason = "not loaded yet"
         self.force_fallback = _env_true(ENV_FORCE_FALLBACK)
-        self.flags = _FLAG_POST_ADD if os.environ.get(ENV_VARIANT, "").strip().lower() == "post" else 0
 
 
 _state = _State()
@@ -109,27 +109,6 @@ def force_fallback(enabled: bool = True) -> Iterator[None]:
         _state.force_fallback = previous
 
 
-def set_variant(post_add: bool) -> None:
-    """Choose where the LoRA term joins the base GEMM output (for A/B benchmarks).
-
-    ``post_add=False`` (default): the small GEMM writes the LoRA term, then the base GEMM
-    accumulates onto it with beta = 1. ``True``: the base GEMM first, then ``addmm_`` (one more
-    read and write of the output).
-    """
-    _state.flags = (_state.flags & ~_FLAG_POST_ADD) | (_FLAG_POST_ADD if post_add else 0)
-
-
-@contextlib.contextmanager
-def _poison_outputs() -> Iterator[None]:
-    """Tests: the kernels fill every output and workspace with NaN / 0xFF before computing."""
-    previous = _state.flags
-    _state.flags |= _FLAG_POISON
-    try:
-        yield
-    finally:
-        _state.flags = previous
-
-
 def status() -> dict:
     """Loader state without triggering a load: ``available``, ``source``, ``reason``, ``force_fallback``."""
     return {
@@ -138,7 +117,6 @@ def status() -> dict:
         "source": _state.source,
         "reason": _state.reason,
         "force_fallback": _state.force_fallback,
-        "variant": "post" if _state.flags & _FLAG_POST_ADD else "pre",
     }
 
 
@@ -148,6 +126,36 @@ def source_files() -> list[str]:
     if not os.path.isdir(root):
         return []
     return sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith((".cpp", ".cu")))
+
+
+def _lock_file_blocks() -> bool:
+    """Whether this torch's JIT build waits while ``<build dir>/lock`` merely exists (its
+    FileBaton, torch <= 2.13 or so) rather than holding an OS-level lock on it (FileLock, which
+    the kernel releases when the holder dies, so a leftover file is harmless)."""
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
+
+
+def stale_jit_lock(build_directory: str, stale_after_s: Optional[float] = None) -> Optional[str]:
+    """The path of a stale JIT lock in ``build_directory``, or None.
+
+    With a torch whose JIT build waits for ``<build_directory>/lock`` to disappear, a build that
+    was killed (a timeout, Ctrl-C) leaves it behind and every later load waits forever. It counts
+    as stale when nothing in the directory changed for ``stale_after_s`` seconds (default
+    ``LIGHTNING_PEFT_JIT_STALE_S`` or 600: longer than any one compile step takes). With a torch
+    that holds an OS-level lock instead, a leftover file never blocks: always None.
+    """
+    lock = os.path.join(build_directory, "lock")
+    if not os.path.exists(lock) or not _lock_file_blocks():
+        return None
+    if stale_after_s is None:
+        stale_after_s = float(os.environ.get(ENV_JIT_STALE_S, "600"))
+    newest = 0.0
+    for entry in os.scandir(build_directory):
+        with contextlib.suppress(OSError):
+            newest = max(newest, entry.stat().st_mtime)
+    return lock if time.time() - newest > stale_after_s else None
 
 
 def jit_build(build_directory: Optional[str] = None, verbose: bool = False) -> str:
@@ -177,6 +185,13 @@ def jit_build(build_directory: Optional[str] = None, verbose: bool = False) -> s
     kwargs = extension_kwargs()
     if build_directory is not None:
         os.makedirs(build_directory, exist_ok=True)
+    directory = build_directory or cpp_extension._get_build_directory(_JIT_NAME, verbose=False)
+    stale = stale_jit_lock(directory)
+    if stale is not None:
+        raise RuntimeError(
+            f"stale JIT build lock {stale}: an earlier build was killed and nothing there changed for "
+            f"{os.environ.get(ENV_JIT_STALE_S, '600')} s; if no build is running, delete it (rm {stale}) and retry"
+        )
     cpp_extension.load(
         name=_JIT_NAME,
         sources=sources,
@@ -187,7 +202,7 @@ def jit_build(build_directory: Optional[str] = None, verbose: bool = False) -> s
         is_python_module=False,
         verbose=verbose,
     )
-    return build_directory or cpp_extension._get_build_directory(_JIT_NAME, verbose=False)
+    return directory
 
 
 def _ops_registered() -> bool:
@@ -292,9 +307,7 @@ def _forward_cuda(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _kernels_cover(x, lora_a):
         try:
-            return torch.ops.lightning_peft_cuda.lora_forward(
-                x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training, _state.flags
-            )
+            return torch.ops.lightning_peft_cuda.lora_forward(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)
         except RuntimeError as exc:
             if not _disable_after(exc):
                 raise
@@ -318,7 +331,7 @@ def _backward_cuda(
     if _kernels_cover(x, lora_a):
         try:
             return torch.ops.lightning_peft_cuda.lora_backward(
-                grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x, _state.flags
+                grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x
             )
         except RuntimeError as exc:
             if not _disable_after(exc):
