@@ -7,6 +7,9 @@ machine drift (the machine is shared) hits all alike. It prints, per variant, th
 error over rotations of its step / the floor step and of its step / the first variant's step, in
 wall time and in the process's CPU time (all threads; steadier when other processes load the cores).
 
+The differences at stake are 2-3% of a step: they need a quiet machine. Under load (5-8 runnable
+processes on 2 cores, 2026-12-04) the ratios of repeated runs scattered by ±10%.
+
 Variants (each the op as shipped, with one mechanism swapped out):
 
 * ``positions``: the op as shipped (CPU drop positions; backward keeps the distances as bytes);
