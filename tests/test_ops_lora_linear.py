@@ -10,12 +10,13 @@ import torch
 
 from lightning_peft.ops import lora_linear
 from lightning_peft.ops.dropout_mask import (
-    apply_select_bits,
-    draw_keep_mask,
+    decode_drop_positions,
+    draw_drops,
+    drop_threshold,
+    encode_drop_positions,
     pack_mask,
     quantized_drop_probability,
     unpack_mask,
-    unpack_mask_as_select_bits,
 )
 from lightning_peft.ops.lora_linear import dropout_keep_mask
 
@@ -28,7 +29,7 @@ OP_BWD = torch.ops.lightning_peft.lora_linear_backward.default
 @pytest.fixture(params=["positions", "packed"])
 def mask_form(request, monkeypatch):
     """Run a test with each of the PyTorch path's two mask forms: the CPU's drop positions, and the
-    packed keep-bits that other devices (and the CUDA kernels) keep."""
+    Philox packed keep-bits that other devices (and the CUDA kernels) draw, here on CPU tensors."""
     replay = request.param == "positions"
     monkeypatch.setattr(lora_linear_module, "_uses_drop_positions", lambda device: replay)
     return request.param
@@ -121,34 +122,6 @@ def test_rejects_bad_shapes_and_probability():
         lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=1.0, rng=rng, training=True)
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.37, 0.25, 1 / 65536, 0.9999, 1e-6, 1 - 1e-7])
-@pytest.mark.parametrize("rows, cols", [(3, 64), (5, 13)])
-def test_packed_draw_is_a_16_bit_threshold_compare(p, rows, cols):
-    """Recompute each element's 16-bit number from the same random words, one bit at a time, and
-    check the bit-serial word comparison drops exactly the elements with u < round(p * 65536)."""
-    from lightning_peft.ops.dropout_mask import _generator_for, draw_packed_keep_mask
-
-    rng = torch.tensor([5, 9])
-    mask = draw_packed_keep_mask(rows, cols, p, rng)
-    bytes_per_row = (cols + 7) // 8
-    n_bytes = rows * bytes_per_row
-    threshold = min(round(p * 65536), 65535)
-    if threshold == 0:  # p < 2^-17: nothing is dropped, nothing is drawn
-        expected_keep = torch.ones(rows, cols, dtype=torch.bool)
-    else:
-        # (u >> lowest) < (T >> lowest) decides "u < T": T's lower bits are 0, so u's lower bits
-        # cannot change it and are not drawn. Row j of the draw holds bit lowest + j of NOT u.
-        lowest = (threshold & -threshold).bit_length() - 1
-        words = torch.empty((16 - lowest, (n_bytes + 7) // 8), dtype=torch.int64)
-        words.random_(-(2**63), None, generator=_generator_for(rng))
-        lane_bits = [((w.view(torch.uint8)[:n_bytes, None] >> torch.arange(8)) & 1).long() for w in words]
-        u_high = sum((1 - lane_bits[j]) << j for j in range(16 - lowest))
-        expected_keep = (u_high >= threshold >> lowest).view(rows, bytes_per_row * 8)[:, :cols]
-    assert torch.equal(unpack_mask(mask, cols), expected_keep)
-    if cols % 8:
-        assert (mask[:, -1] >> (cols % 8)).eq(0).all()  # padding bits are 0
-
-
 def _positions_from_scratch(numel, p, rng):
     """Recompute the drop positions in plain Python floats from the same 31-bit draws: U = (v + 1) / 2^31,
     gap = floor(ln U / ln(1 - q)) kept elements before each drop."""
@@ -171,15 +144,12 @@ def _positions_from_scratch(numel, p, rng):
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.05, 1 / 65536, 0.9, 1e-6])
 @pytest.mark.parametrize("numel", [1, 100, 5000])
 def test_drop_positions_are_geometric_gaps_of_the_keyed_stream(p, numel):
-    from lightning_peft.ops.dropout_mask import draw_drop_positions, draw_drops
-
     rng = torch.tensor([5, 9])
     expected = _positions_from_scratch(numel, p, rng)
-    drops = draw_drops(numel, p, rng)
-    assert drops.positions.dtype == drops.increments.dtype == torch.int64
-    assert drops.positions.tolist() == expected
-    assert drops.increments.tolist() == [b - a for a, b in zip([0] + expected, expected)]
-    assert torch.equal(draw_drop_positions(numel, p, rng), drops.positions)
+    positions, increments = draw_drops(numel, p, rng)
+    assert positions.dtype == increments.dtype == torch.int64
+    assert positions.tolist() == expected
+    assert increments.tolist() == [b - a for a, b in zip([0] + expected, expected)]
 
 
 def test_drop_positions_continue_the_stream_when_a_batch_falls_short(monkeypatch):
@@ -191,18 +161,18 @@ def test_drop_positions_continue_the_stream_when_a_batch_falls_short(monkeypatch
     monkeypatch.setattr(dropout_mask, "_POSITION_BATCH_SIGMAS", -25.0)  # ~ a quarter of the drops per batch
     monkeypatch.setattr(dropout_mask, "_POSITION_BATCH_EXTRA", 0)
     several_batches = dropout_mask.draw_drops(20_000, 0.1, rng)
-    assert torch.equal(several_batches.positions, one_batch.positions)
-    assert torch.equal(several_batches.increments, one_batch.increments)  # increments across batch boundaries too
+    assert torch.equal(several_batches[0], one_batch[0])
+    assert torch.equal(several_batches[1], one_batch[1])  # increments across batch boundaries too
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_drop_positions_are_independent_bernoulli(p):
     """Drop rate, and the rate of dropping both of two neighbours (along a row and along a column),
     match q and q² within 5 sigma: no correlation between neighbouring elements."""
-    from lightning_peft.ops.dropout_mask import draw_drop_positions, keep_mask_from_positions
-
     rows, cols = 1024, 1000
-    dropped = ~keep_mask_from_positions(draw_drop_positions(rows * cols, p, torch.tensor([42, 0])), rows, cols)
+    dropped = torch.zeros(rows * cols, dtype=torch.bool)
+    dropped[draw_drops(rows * cols, p, torch.tensor([42, 0]))[0]] = True
+    dropped = dropped.view(rows, cols)
     q = quantized_drop_probability(p)
 
     def within_5_sigma(events, prob):
@@ -216,11 +186,9 @@ def test_drop_positions_are_independent_bernoulli(p):
 
 
 def test_drop_positions_edge_cases():
-    from lightning_peft.ops.dropout_mask import draw_drop_positions
-
-    assert draw_drop_positions(0, 0.5, torch.tensor([0, 0])).numel() == 0
-    assert draw_drop_positions(1000, 1e-7, torch.tensor([0, 0])).numel() == 0  # quantizes to "never drop"
-    nearly_all = draw_drop_positions(1000, 1 - 1e-7, torch.tensor([0, 0]))  # capped at 65535 / 65536
+    assert draw_drops(0, 0.5, torch.tensor([0, 0]))[0].numel() == 0
+    assert draw_drops(1000, 1e-7, torch.tensor([0, 0]))[0].numel() == 0  # quantizes to "never drop"
+    nearly_all = draw_drops(1000, 1 - 1e-7, torch.tensor([0, 0]))[0]  # capped at 65535 / 65536
     assert nearly_all.numel() >= 990 and torch.equal(nearly_all, nearly_all.unique())
 
 
@@ -244,8 +212,10 @@ def test_dropout_keep_rate_and_scaling(mask_form):
 
 
 def test_packed_draw_keep_rate():
+    from lightning_peft.ops.philox import philox_keep_mask
+
     p, n, k = 0.1, 4096, 256
-    keep = draw_keep_mask(n, k, p, torch.tensor([123, 0]))
+    keep = unpack_mask(philox_keep_mask(torch.tensor([123, 0]), n, k, drop_threshold(p)), k)
     sigma = math.sqrt(p * (1 - p) / (n * k))
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma + abs(quantized_drop_probability(p) - p)
 
@@ -285,22 +255,23 @@ def test_pack_unpack_round_trip(k):
         assert torch.equal(((packed[:, col // 8] >> (col % 8)) & 1).bool(), keep[:, col])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-@pytest.mark.parametrize("k", [8, 13, 67])
-def test_select_bits_mask_like_where(dtype, k):
-    """Select bits unpacked from a packed mask mask exactly like torch.where."""
-    keep = torch.rand(9, k) > 0.3
-    values = torch.randn(9, k).to(dtype)
-    values[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
-    keep[0, :3] = False  # dropped NaN / inf become exactly +0, as with where (dropout's multiply would give NaN)
-    expected = torch.where(keep, values, torch.zeros((), dtype=dtype))
-    from_packed = unpack_mask_as_select_bits(pack_mask(keep), k, dtype)
-    assert from_packed.element_size() == values.element_size()
-    assert torch.equal(apply_select_bits(values, from_packed), expected)
-    assert not torch.signbit(apply_select_bits(-values.abs(), from_packed)[~keep]).any()
-    in_place = values.clone()
-    apply_select_bits(in_place, from_packed, out=in_place)
-    assert torch.equal(in_place, expected)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dropped_nan_and_inf_become_exactly_zero(dtype, mask_form):
+    """Dropped elements are zeroed like torch.where (a multiply by 0 would turn NaN / inf into NaN):
+    hidden and grad_a equal those of the same call on x with its dropped elements set to 0."""
+    x, w, b, a, bb = make_inputs(dtype=dtype, lead=(16,), k=32)
+    keep = _keep_mask_of_call(x, w, b, a, bb, (2, 5), 0.5)
+    poison = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)[torch.arange(x.numel()) % 3].view_as(x)
+    results = []
+    for dropped_values in (poison, torch.zeros_like(x)):
+        xi = torch.where(keep, x, dropped_values)
+        ai = a.clone().requires_grad_(True)
+        hidden = OP_FWD(xi, w, b, ai, bb, torch.tensor([2, 5]), 1.0, 0.5, True)[1]
+        y = lora_linear(xi, w, b, ai, bb, scaling=1.0, dropout_p=0.5, rng=torch.tensor([2, 5]), training=True)
+        results.append((hidden, *torch.autograd.grad(y.sum(), ai)))
+    assert torch.isfinite(results[0][0]).all()
+    for poisoned, clean in zip(*results):
+        assert torch.equal(poisoned, clean)
 
 
 def test_saved_for_backward_is_x_plus_at_most_a_bit_per_element(mask_form):
@@ -334,21 +305,17 @@ def test_saved_for_backward_is_x_plus_at_most_a_bit_per_element(mask_form):
     "p, numel, form",
     [
         (0.1, 100_000, "uint8"),  # increments fit a byte (the largest of ~10^4 is ~100)
-        (0.01, 100_000, "int16"),  # some increments pass 255
+        (0.01, 100_000, "key"),  # some increments pass 255
         (0.3, 100_000, "key"),  # a byte per drop would be 2.4 bits per element
-        (1e-5, 10_000_000, "key"),  # increments can pass 32767
         (1e-7, 1000, "uint8"),  # nothing dropped: an empty list of increments
     ],
 )
 def test_drop_positions_encode_in_at_most_a_bit_per_element(p, numel, form):
-    from lightning_peft.ops.dropout_mask import decode_drop_positions, draw_drops, encode_drop_positions
-
     rng = torch.tensor([8, 1])
     positions, increments = draw_drops(numel, p, rng)
-    encoded = encode_drop_positions(positions, numel, rng)
-    assert torch.equal(encode_drop_positions(positions, numel, rng, increments), encoded)  # the op's shortcut
+    encoded = encode_drop_positions(increments, numel, rng)
     assert encoded.dtype == torch.uint8 and encoded.dim() == 1
-    assert {0: "key", 1: "uint8", 2: "int16"}[int(encoded[0])] == form
+    assert {0: "key", 1: "uint8"}[int(encoded[0])] == form
     assert (encoded.numel() - 1) * 8 <= max(numel, 128)  # at most 1 bit per element (or the 16-byte key)
     rng += 1  # the layer's buffer advances in place: the encoded mask must not depend on it
     assert torch.equal(decode_drop_positions(encoded, numel, p), positions)
@@ -358,36 +325,32 @@ def test_drop_positions_encode_in_at_most_a_bit_per_element(p, numel, form):
     "jump, form",
     [
         (255, "uint8"),  # the largest increment a byte holds
-        (256, "int16"),  # would wrap to 0 as a byte
-        (512 + 3, "int16"),  # would wrap to 3
-        (32_768, "key"),  # the first that int16 cannot hold
+        (256, "key"),  # would wrap to 0 as a byte
+        (512 + 3, "key"),  # would wrap to 3
     ],
 )
 def test_drop_positions_encode_detects_an_increment_that_does_not_fit(jump, form):
-    """One wide increment among small ones picks the next wider encoding (no silent wrap), and
-    the chosen encoding decodes to exactly the same positions."""
-    from lightning_peft.ops.dropout_mask import decode_drop_positions, encode_drop_positions
-
+    """One wide increment among small ones keeps the key instead (no silent wrap), and distances
+    decode to exactly the same positions."""
     before = list(range(0, 40, 2))
     positions = torch.tensor(before + [before[-1] + jump + k for k in range(0, 40, 3)], dtype=torch.int64)
     numel = 200_000
-    for increments in (None, torch.diff(positions, prepend=positions.new_zeros(1))):
-        encoded = encode_drop_positions(positions, numel, torch.tensor([4, 4]), increments)
-        assert {0: "key", 1: "uint8", 2: "int16"}[int(encoded[0])] == form
-        if form != "key":  # (a key decodes to the key's own draw, not to these hand-made positions)
-            assert torch.equal(decode_drop_positions(encoded, numel, 0.1), positions)
+    encoded = encode_drop_positions(torch.diff(positions, prepend=positions.new_zeros(1)), numel, torch.tensor([4, 4]))
+    assert {0: "key", 1: "uint8"}[int(encoded[0])] == form
+    if form != "key":  # (a key decodes to the key's own draw, not to these hand-made positions)
+        assert torch.equal(decode_drop_positions(encoded, numel, 0.1), positions)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.4])  # distances kept as bytes / the key kept and drawn again
 def test_backward_uses_the_forwards_mask_after_the_key_advances(p):
     """The layer advances its rng buffer in place after forward; backward must still use the forward's mask."""
-    from lightning_peft.ops.dropout_mask import draw_drop_positions, keep_mask_from_positions
-
     x, w, b, a, bb = make_inputs(lead=(6,), k=24, d=5, r=3)
     a.requires_grad_(True)
     rng = torch.tensor([3, 0])
     y = lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=p, rng=rng, training=True)
-    keep = keep_mask_from_positions(draw_drop_positions(6 * 24, p, torch.tensor([3, 0])), 6, 24)
+    keep = torch.ones(6 * 24, dtype=torch.bool)
+    keep[draw_drops(6 * 24, p, torch.tensor([3, 0]))[0]] = False
+    keep = keep.view(6, 24)
     rng[1] += 1  # what advance_dropout_rng does before the next step
     (grad_a,) = torch.autograd.grad(y.sum(), a)
     ref = reference(x, w, b, a, bb, 1.0, keep, quantized_drop_probability(p))

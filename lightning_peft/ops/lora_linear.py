@@ -21,7 +21,8 @@ Shapes (N = product of x's leading dims, K = in features, D = out features, r = 
       * ``uint8 [M]`` (1-D, M data-dependent) encoded drop positions: distances between drops, or
         the key to draw them again, never more than 1 bit per element (CPU tensors; see
         ``dropout_mask.encode_drop_positions``), or
-      * ``uint8 [N, ceil(K/8)]`` packed keep-bits (other devices, and the CUDA kernels),
+      * ``uint8 [N, ceil(K/8)]`` packed keep-bits (other devices: the CUDA kernels' Philox bits,
+        drawn by the fallback too, on the device: ``philox.philox_keep_mask``),
     grad_x ``[*, K]`` (``[0]`` when ``compute_grad_x`` is False), grad_a ``[r, K]``, grad_b ``[D, r]``.
 
 What is kept for backward is x (which the frozen base linear would not need), the small
@@ -32,23 +33,20 @@ Gradients of the frozen ``weight`` / ``bias`` are computed only when they requir
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from lightning_peft.ops.dropout_mask import (
-    apply_select_bits,
     decode_drop_positions,
     draw_drops,
-    draw_packed_keep_mask,
+    drop_threshold,
     encode_drop_positions,
-    keep_mask_from_positions,
-    mask_bytes_per_row,
     quantized_drop_probability,
     unpack_mask,
-    unpack_mask_as_select_bits,
 )
+from lightning_peft.ops.philox import philox_keep_mask
 
 __all__ = [
     "lora_linear",
@@ -82,28 +80,32 @@ def _check_inputs(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, rng
 
 
 def _uses_drop_positions(device: torch.device) -> bool:
-    """Whether the PyTorch path on ``device`` draws drop positions (True) or packed keep-bits.
+    """Whether the op on ``device`` draws CPU drop positions (True) or Philox packed keep-bits.
 
-    CPU: drawing positions is O(p · numel) and masking is a copy plus ``index_fill_``, cheaper
-    than a draw per element plus unpacking and applying a bit mask. Other devices keep the packed
-    bits, the layout the CUDA kernels produce, so either CUDA backward accepts either CUDA
-    forward's mask.
+    Measured: Philox keep-bits on CPU make the all-linear p=0.1 step 1.32 ± 0.11x the positions' (CPU time, 12 interleaved rotations, `benchmarks/bench_cpu_op_ab.py --targets all --reps 12`).
+    Elsewhere the kernels' packed bits, drawn on the device, so either CUDA backward accepts either
+    CUDA forward's mask.
     """
     return device.type == "cpu"
 
 
-def _mask_holds_drop_positions(mask: Tensor) -> bool:
-    return mask.dim() == 1  # packed keep-bits are [N, ceil(K/8)]
+def _zero_dropped_(values: Tensor, dropped: Tensor) -> Tensor:
+    """Zero the dropped elements of the contiguous ``values [N, K]`` in place and return it.
 
-
-def _zero_at_(values: Tensor, positions: Tensor) -> Tensor:
-    """Set the flat ``positions`` of the contiguous ``values [N, K]`` to 0, in place.
-
-    A copy plus ``index_fill_`` touches memory about as often as the copy alone: cheaper than a
-    full masking pass (dropped NaN / inf become exactly 0, as with ``torch.where``).
+    ``dropped``: ``int64 [n_dropped]`` flat positions (CPU: a copy plus ``index_fill_`` touches
+    memory about as often as the copy alone) or ``bool [N, K]``. Dropped NaN / inf become exactly 0.
     """
-    values.view(-1).index_fill_(0, positions, 0)
+    if dropped.dtype == torch.bool:
+        return values.masked_fill_(dropped, 0)
+    values.view(-1).index_fill_(0, dropped, 0)
     return values
+
+
+def _dropped_of(mask: Tensor, n: int, k: int, dropout_p: float) -> Tensor:
+    """The drops behind a forward's ``mask`` output, in the form :func:`_zero_dropped_` takes."""
+    if mask.dim() == 1:  # encoded CPU drop positions; packed keep-bits are [N, ceil(K/8)]
+        return decode_drop_positions(mask, n * k, dropout_p)
+    return ~unpack_mask(mask, k)
 
 
 def _dropout_hidden(x2: Tensor, lora_a: Tensor, dropout_p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,88 +119,26 @@ def _dropout_hidden(x2: Tensor, lora_a: Tensor, dropout_p: float, rng: Tensor) -
     """
     n, k = x2.shape
     if _uses_drop_positions(x2.device):
-        drops = draw_drops(n * k, dropout_p, rng)
-        x_kept = _zero_at_(x2.clone(memory_format=torch.contiguous_format), drops.positions)
-        # Copies, never the rng buffer itself: the layer advances it in place before the next step.
-        mask = encode_drop_positions(drops.positions, n * k, rng, drops.increments)
-    else:
-        mask = draw_packed_keep_mask(n, k, dropout_p, rng).to(x2.device)  # [N, ceil(K/8)] uint8
-        select_bits = unpack_mask_as_select_bits(mask, k, x2.dtype)  # [N, K], transient
-        x_kept = apply_select_bits(x2, select_bits, out=select_bits.view(x2.dtype))  # reuses the select bits' memory
+        dropped, increments = draw_drops(n * k, dropout_p, rng)
+        mask = encode_drop_positions(increments, n * k, rng)
+    else:  # drawn from the rng tensor on the device: no host sync
+        mask = philox_keep_mask(rng.to(x2.device), n, k, drop_threshold(dropout_p))
+        dropped = ~unpack_mask(mask, k)
+    x_kept = _zero_dropped_(x2.clone(memory_format=torch.contiguous_format), dropped)
     hidden = torch.mm(x_kept, lora_a.t())
     return hidden.mul_(_keep_scale(dropout_p)), mask  # scale the small [N, r] tensor, not x
 
 
-class _Masking(NamedTuple):
-    """Applies one dropout mask to ``[N, K]`` tensors, whichever form the mask is kept in."""
-
-    copy: Callable[[Tensor], Tensor]  # masked copy (contiguous)
-    in_place: Callable[[Tensor], Tensor]  # masks a contiguous tensor in place and returns it
-
-
-def _masking_for(mask: Tensor, n: int, k: int, dtype: torch.dtype, dropout_p: float) -> _Masking:
-    """The :class:`_Masking` of a forward's ``mask`` output for ``[n, k]`` tensors of ``dtype``."""
-    if _mask_holds_drop_positions(mask):
-        positions = decode_drop_positions(mask, n * k, dropout_p)
-        return _Masking(
-            copy=lambda t: _zero_at_(t.clone(memory_format=torch.contiguous_format), positions),
-            in_place=lambda t: _zero_at_(t, positions),
-        )
-    select_bits = unpack_mask_as_select_bits(mask, k, dtype)  # [N, K], transient
-    return _Masking(
-        copy=lambda t: apply_select_bits(t, select_bits),
-        in_place=lambda t: apply_select_bits(t, select_bits, out=t),
-    )
-
-
-def _dropout_backward(
-    x2: Tensor,
-    g2: Tensor,
-    weight: Tensor,
-    lora_a: Tensor,
-    d_hidden: Tensor,
-    mask: Tensor,
-    dropout_p: float,
-    compute_grad_x: bool,
-) -> tuple[Optional[Tensor], Tensor]:
-    """grad_a ``[r, K]`` = d_hiddenᵀ (x2 ⊙ keep) and grad_x ``[N, K]`` = g2 W + keep ⊙ (d_hidden A).
-
-    Args:
-        x2: ``[N, K]``; g2: ``[N, D]``; weight: ``[D, K]``; lora_a: ``[r, K]``;
-        d_hidden: ``[N, r]`` (scaling and 1 / keep probability applied);
-        mask: the forward's encoded drop positions ``uint8 [M]`` or packed bits ``uint8 [N, ceil(K/8)]``.
-    """
-    masking = _masking_for(mask, *x2.shape, x2.dtype, dropout_p)
-    x_kept = masking.copy(x2)
-    grad_a = torch.mm(d_hidden.t(), x_kept)
-    if not compute_grad_x:
-        return None, grad_a
-    # LoRA part first (in x_kept's memory, masked in place), then the base GEMM accumulates onto
-    # it (beta = 1 inside the GEMM) instead of a separate read-modify-write pass.
-    grad_x = masking.in_place(torch.mm(d_hidden, lora_a, out=x_kept))
-    return grad_x.addmm_(g2, weight), grad_a
-
-
 def dropout_keep_mask(mask: Tensor, rows: int, cols: int, dropout_p: float) -> Tensor:
-    """The keep mask ``bool [rows, cols]`` behind a forward's ``mask`` output (either form).
-
-    For inspection and tests: the LoRA path never materialises this.
-    """
-    if _mask_holds_drop_positions(mask):
-        return keep_mask_from_positions(decode_drop_positions(mask, rows * cols, dropout_p), rows, cols)
-    return unpack_mask(mask, cols)
+    """The keep mask ``bool [rows, cols]`` behind a forward's ``mask`` output (either form; for inspection and tests)."""
+    dropped = _dropped_of(mask, rows, cols, dropout_p)
+    if dropped.dtype == torch.bool:
+        return ~dropped
+    return torch.ones(rows * cols, dtype=torch.bool).index_fill_(0, dropped, False).view(rows, cols)
 
 
 def forward_pytorch(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_a: Tensor,
-    lora_b: Tensor,
-    rng: Tensor,
-    scaling: float,
-    dropout_p: float,
-    training: bool,
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, rng: Tensor, scaling: float, dropout_p: float, training: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pure-PyTorch forward: the fallback for every device. Shapes: module docstring."""
     _check_inputs(x, weight, lora_a, lora_b, rng, dropout_p)
@@ -219,15 +159,7 @@ def forward_pytorch(
 
 @torch.library.custom_op("lightning_peft::lora_linear_forward", mutates_args=())
 def lora_linear_forward(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_a: Tensor,
-    lora_b: Tensor,
-    rng: Tensor,
-    scaling: float,
-    dropout_p: float,
-    training: bool,
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, rng: Tensor, scaling: float, dropout_p: float, training: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Default implementation for all devices; a device kernel registered later takes precedence."""
     return forward_pytorch(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)
@@ -243,55 +175,41 @@ def _lora_linear_forward_fake(x, weight, bias, lora_a, lora_b, rng, scaling, dro
     if _dropout_active(dropout_p, training) and _uses_drop_positions(x.device):
         mask = x.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
     elif _dropout_active(dropout_p, training):
-        mask = x.new_empty((n, mask_bytes_per_row(k)), dtype=torch.uint8)
+        mask = x.new_empty((n, (k + 7) // 8), dtype=torch.uint8)
     else:
         mask = x.new_empty((0,), dtype=torch.uint8)
     return y, hidden, mask
 
 
 def backward_pytorch(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    lora_hidden: Tensor,
-    mask: Tensor,
-    scaling: float,
-    dropout_p: float,
-    compute_grad_x: bool,
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_hidden: Tensor, mask: Tensor,
+    scaling: float, dropout_p: float, compute_grad_x: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pure-PyTorch backward. ``dropout_p`` is 0 when the forward ran without dropout. Shapes: module docstring."""
-    k, d = x.shape[-1], weight.shape[0]
+    n, k, d = lora_hidden.shape[0], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)  # [N, K]
     g2 = grad_y.reshape(-1, d)  # [N, D]
     # (hiddenᵀ g)ᵀ: the [r, N] x [N, D] orientation is ~3x faster on CPU BLAS than gᵀ hidden.
     grad_b = torch.mm(lora_hidden.t(), g2).t().mul_(scaling).contiguous()  # [D, r]
     d_hidden = torch.mm(g2, lora_b).mul_(scaling * _keep_scale(dropout_p))  # [N, r]; keep scale is 1 at p = 0
-    if dropout_p > 0.0:
-        grad_x, grad_a = _dropout_backward(x2, g2, weight, lora_a, d_hidden, mask, dropout_p, compute_grad_x)
-    else:
-        grad_a = torch.mm(d_hidden.t(), x2)  # [r, K]
-        if compute_grad_x:
-            # LoRA term first, then the base GEMM accumulates onto it (beta = 1).
-            grad_x = torch.mm(d_hidden, lora_a).addmm_(g2, weight)  # [N, K]
+    dropped = _dropped_of(mask, n, k, dropout_p) if dropout_p > 0.0 else None
+    x_kept = x2 if dropped is None else _zero_dropped_(x2.clone(memory_format=torch.contiguous_format), dropped)
+    grad_a = torch.mm(d_hidden.t(), x_kept)  # [r, K]
     if not compute_grad_x:
-        grad_x = x.new_empty((0,))
-    return grad_x.view(x.shape) if compute_grad_x else grad_x, grad_a, grad_b
+        return x.new_empty((0,)), grad_a, grad_b
+    # The LoRA part first (reusing x_kept's memory, masked in place), then the base GEMM accumulates
+    # onto it (beta = 1 inside the GEMM) instead of a separate read-modify-write pass.
+    if dropped is None:
+        grad_x = torch.mm(d_hidden, lora_a)
+    else:
+        grad_x = _zero_dropped_(torch.mm(d_hidden, lora_a, out=x_kept), dropped)
+    return grad_x.addmm_(g2, weight).view(x.shape), grad_a, grad_b
 
 
 @torch.library.custom_op("lightning_peft::lora_linear_backward", mutates_args=())
 def lora_linear_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    lora_hidden: Tensor,
-    mask: Tensor,
-    scaling: float,
-    dropout_p: float,
-    compute_grad_x: bool,
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_hidden: Tensor, mask: Tensor,
+    scaling: float, dropout_p: float, compute_grad_x: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Default implementation for all devices; a device kernel registered later takes precedence."""
     return backward_pytorch(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x)
@@ -323,33 +241,15 @@ def _backward(ctx, grad_y, _grad_hidden, _grad_mask):
     # (bias="all" / "lora_only", or a full fine-tune), plain matmuls give their gradients.
     grad_w = torch.mm(grad_y.reshape(-1, weight.shape[0]).t(), x.reshape(-1, x.shape[-1])) if needs_w else None
     grad_bias = grad_y.reshape(-1, weight.shape[0]).sum(0) if needs_bias else None
-    return (
-        grad_x if needs_x else None,
-        grad_w,
-        grad_bias,
-        grad_a if needs_a else None,
-        grad_b if needs_b else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    grad_x, grad_a, grad_b = (g if needed else None for g, needed in ((grad_x, needs_x), (grad_a, needs_a), (grad_b, needs_b)))
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 lora_linear_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_a: Tensor,
-    lora_b: Tensor,
-    *,
-    scaling: float,
-    dropout_p: float,
-    rng: Tensor,
-    training: bool,
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, *, scaling: float, dropout_p: float, rng: Tensor, training: bool
 ) -> Tensor:
     """``x Wᵀ + b + scaling · dropout_p(x) Aᵀ Bᵀ``; differentiable in x, A, B (and W, b if they require grad).
 
