@@ -172,3 +172,18 @@ def test_convolutions_lora_cannot_merge_exactly_are_refused(kwargs, message):
 def test_all_linear_still_means_linear_layers_only():
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"))
     assert type(model.base_model.model.embed_tokens) is nn.Embedding
+
+
+def test_dora_and_quantized_bases_are_refused_clearly_for_now():
+    with pytest.raises(ValueError, match="DoRA is not supported in this version"):
+        get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+
+    class PackedLinear(nn.Linear):  # what bitsandbytes' Linear4bit looks like to us: an nn.Linear with integer weight
+        def __init__(self) -> None:
+            super().__init__(4, 4)
+            self.weight = nn.Parameter(torch.zeros(8, 1, dtype=torch.uint8), requires_grad=False)
+
+    net = nn.Sequential(nn.Linear(4, 4), PackedLinear())
+    with pytest.raises(TypeError, match=r"1 \(PackedLinear\) holds a quantized weight.*QLoRA is not supported"):
+        get_peft_model(net, LoraConfig(r=2, target_modules=["0", "1"]))
+    assert type(net[0]) is nn.Linear and type(net[1]) is PackedLinear

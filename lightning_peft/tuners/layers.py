@@ -225,6 +225,13 @@ class LayerReplacementTuner(ModuleReplacementTuner):
         if not names:
             raise ValueError(no_target_message(model, cfg, self.layer_types, what))
         check_target_types(model, names, self.layer_types, method=self.config.method_name, hint="Name the layers inside them instead")
+        quantized = [n for n in names if not model.get_submodule(n).weight.is_floating_point()]
+        if quantized:  # e.g. bitsandbytes Linear4bit / Linear8bitLt: nn.Linear subclasses holding packed integers
+            kinds = sorted({type(model.get_submodule(n)).__name__ for n in quantized})
+            raise TypeError(
+                f"{quantized[0]} ({', '.join(kinds)}) holds a quantized weight, which {self.config.method_name} cannot adapt "
+                "yet (QLoRA is not supported in this version): load the base model unquantized, or leave these layers out"
+            )
         return names
 
     def build_replacements(self, model: nn.Module) -> dict[str, AdapterLayer]:

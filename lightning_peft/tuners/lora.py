@@ -53,6 +53,7 @@ class LoraConfig(LayerTargetsConfig):
             ``False`` (A and B both random: the adapted model starts different; for tests).
         fan_in_fan_out: the target stores its weight as ``[in, out]``; read from the layer type
             (GPT-2 ``Conv1D``), so it only exists for peft compatibility.
+        use_dora: peft's DoRA switch; not supported yet (True is refused with a clear error).
     """
 
     peft_type = "LORA"
@@ -64,9 +65,15 @@ class LoraConfig(LayerTargetsConfig):
     use_rslora: bool = False
     init_lora_weights: Union[bool, str] = True
     fan_in_fan_out: bool = False
+    use_dora: bool = False
 
     def validate(self) -> None:
         super().validate()
+        if self.use_dora:
+            raise ValueError(
+                "LoraConfig(use_dora=True): DoRA is not supported in this version of lightning_peft; use plain LoRA "
+                "(use_dora=False), or peft for DoRA adapters"
+            )
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer (the rank), got {self.r!r}; typical values are 4-64")
         if not self.lora_alpha > 0:
