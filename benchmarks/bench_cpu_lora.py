@@ -22,6 +22,8 @@ the kernel microbenchmarks use them.)
 Usage::
 
     python benchmarks/bench_cpu_lora.py                 # ~8 min: writes benchmarks/results/cpu_lora.{md,json}
+    python benchmarks/bench_cpu_lora.py --readme        # and rewrites README.md's CPU table from it
+    python benchmarks/bench_cpu_lora.py --readme-only   # only that, from the saved results
     python benchmarks/bench_cpu_lora.py --rounds 4      # twice the groups: a steadier median
     python benchmarks/bench_cpu_lora.py --configs floor,ours-qv-p0.1 --rounds 6 --out /tmp/qv
     python benchmarks/bench_cpu_lora.py --malloc-ab     # each config also with glibc heap trimming off
@@ -277,6 +279,31 @@ def markdown(rows: list[dict], goals: list[dict]) -> str:
     return "\n".join(lines)
 
 
+README_START = "<!-- cpu-table:start (written by benchmarks/bench_cpu_lora.py --readme) -->"
+README_END = "<!-- cpu-table:end -->"
+
+
+def readme_table(rows: list[dict], goals: list[dict], env: dict[str, Any]) -> str:
+    """The README's CPU table: step, in-group ratios and RSS per row, where it ran, the targets' verdicts."""
+    lines = ["| configuration | step (s, median) | × floor | × peft | peak RSS above floor |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        label = f"**{r['label']}**" if r["config"].startswith("ours") else r["label"]
+        above = f"+{r['rss_above_floor_mib']:.0f} MiB" if "rss_above_floor_mib" in r else ""
+        lines.append(f"| {label} | {r['median_step_s']:.3f} | {r.get('x_floor', 1):.3f} | "
+                     f"{format(r['x_peft'], '.3f') if 'x_peft' in r else ''} | {above} |")
+    mark = lambda ok: "met" if ok else "**missed**"  # noqa: E731
+    verdicts = [f"{g['target'].replace(': ours <=', ' ≤').replace(' step time', '').replace('x ', '× ')}: {g['value']:.3f}×, "
+                f"{mark(g['pass'])}"
+                for g in goals if "RSS" not in g["target"]]
+    rss = [g for g in goals if "RSS" in g["target"]]
+    if rss:
+        verdicts.append(f"peak RSS above floor ≤ 0.5× peft's: {min(g['value'] for g in rss):.2f}–{max(g['value'] for g in rss):.2f}×, "
+                        f"{mark(all(g['pass'] for g in rss))}")
+    where = (f"{env['date']}, {env['cpu']}, lightning_peft {env['commit']}" if "cpu" in env
+             else "; ".join(s.split(": ", 1)[-1].split(", `")[0] for s in env.get("pooled", [])))
+    return "\n".join(lines + ["", f"Measured {where}. Targets: {'; '.join(verdicts)}."])
+
+
 def environment() -> dict[str, str]:
     import peft
     import torch
@@ -292,8 +319,10 @@ def environment() -> dict[str, str]:
             "commit": git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain", "--", "lightning_peft") else "")}
 
 
-def write(prefix: Path, command: str, runs: list[dict], configs: list[str], settings: dict[str, Any], sources: Optional[list[str]] = None) -> str:
-    """``prefix.md`` (the table and the targets) and ``prefix.json`` (per-process medians: poolable); returns the markdown."""
+def write(prefix: Path, command: str, runs: list[dict], configs: list[str], settings: dict[str, Any],
+          sources: Optional[list[str]] = None, readme: bool = False) -> str:
+    """``prefix.md`` (the table and the targets) and ``prefix.json`` (per-process medians: poolable), and with
+    ``readme`` the README's CPU table; returns the markdown."""
     rows = table_rows(runs, configs)
     goals = targets(rows)
     head = ["# CPU LoRA training step: floor vs peft vs lightning_peft", "", f"- command: `{command}`"]
@@ -312,7 +341,22 @@ def write(prefix: Path, command: str, runs: list[dict], configs: list[str], sett
     body = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in payload.items())
     records = ",\n".join("  " + json.dumps({k: r[k] for k in RECORD_KEYS}) for r in runs)  # one line per process
     prefix.with_suffix(".json").write_text("{\n" + body + ',\n "runs": [\n' + records + "\n ]\n}\n", encoding="utf-8")
+    if readme:
+        update_readme(prefix.with_suffix(".json"))
     return text
+
+
+def readme_block(saved: dict[str, Any]) -> str:
+    """The README's CPU block for a saved results file (its dropout-0.1 rows; all rows stay in the .md)."""
+    rows = [r for r in saved["table"] if r["config"] == "floor" or r["config"].endswith("p0.1")]
+    return readme_table(rows, saved["targets"], saved["environment"])
+
+
+def update_readme(saved_json: Path) -> None:
+    """Rewrite README.md's CPU table from a saved results file."""
+    from readme_block import replace_block
+
+    replace_block(README_START, README_END, readme_block(json.loads(saved_json.read_text(encoding="utf-8"))))
 
 
 def pool(paths: list[str]) -> tuple[list[dict], list[str], list[str]]:
@@ -354,6 +398,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="times every group runs (alternating order)")
     ap.add_argument("--malloc-ab", action="store_true", help="also run every config with glibc heap trimming off (MALLOC_ENV)")
     ap.add_argument("--out", default=None, help="write PREFIX.md/.json (default for a full run: benchmarks/results/cpu_lora)")
+    ap.add_argument("--readme", action="store_true", help="also rewrite README.md's CPU table from what is written")
+    ap.add_argument("--readme-only", action="store_true", help="no measurement: rewrite README.md's CPU table from "
+                    "the saved results (--out PREFIX, default benchmarks/results/cpu_lora)")
     ap.add_argument("--pool", default=None, metavar="JSON[,JSON...]", help="no measurement: the groups of saved runs together")
     ap.add_argument("--profile", default=None, metavar="CONFIG", help="print torch.profiler's top ops for one config")
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
@@ -362,12 +409,14 @@ def main() -> None:
         return serve(args.serve)
     if args.profile:
         return profile(args.profile)
+    if args.readme_only:
+        return update_readme(Path(args.out or DEFAULT_OUT).with_suffix(".json").resolve())
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] + sys.argv[1:])
 
     if args.pool:
         runs, configs, sources = pool(args.pool.split(","))
         if args.out:
-            print(write(Path(args.out), command, runs, configs, {"pooled runs": len(sources)}, sources))
+            print(write(Path(args.out), command, runs, configs, {"pooled runs": len(sources)}, sources, args.readme))
         else:
             rows = table_rows(runs, configs)
             print(markdown(rows, targets(rows)))
@@ -388,7 +437,7 @@ def main() -> None:
     settings = {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "malloc_ab": args.malloc_ab}
     out = args.out or (str(DEFAULT_OUT) if set(configs) == set(CONFIGS) and not args.malloc_ab else None)
     if out:
-        print(write(Path(out), command, runs, all_configs, settings))
+        print(write(Path(out), command, runs, all_configs, settings, readme=args.readme))
     else:
         rows = table_rows(runs, all_configs)
         print(markdown(rows, targets(rows)) + "\n\n(a subset run: nothing written; --out PREFIX writes it)")

@@ -171,19 +171,11 @@ class PeftTextClassifier(TextClassifier):
 
     Args:
         peft_config: ``{"class_name": "PrefixTuningConfig", "kwargs": {...}}`` for ``peft.<class_name>(**kwargs)``.
-        model_name_or_path, num_labels, learning_rate, weight_decay, warmup_ratio: as for TextClassifier.
+        kwargs: TextClassifier's arguments (jsonargparse follows ``**kwargs`` into its signature).
     """
 
-    def __init__(
-        self,
-        peft_config: dict,
-        model_name_or_path: str,
-        num_labels: int = 2,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.1,
-    ) -> None:
-        super().__init__(model_name_or_path, num_labels, learning_rate, weight_decay, warmup_ratio)
+    def __init__(self, peft_config: dict, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.peft_config_args = peft_config
 
     def configure_model(self) -> None:
@@ -341,14 +333,9 @@ def readme_table(runs: list[dict[str, Any]]) -> str:
 
 def update_readme(runs: list[dict[str, Any]], path: str) -> None:
     """Replace the block between README_START and README_END in ``path`` with :func:`readme_table`."""
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"{path} has no {README_START!r} ... {README_END!r} block to update")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(head + README_START + "\n" + readme_table(runs) + "\n" + README_END + tail)
+    from readme_block import replace_block
+
+    replace_block(README_START, README_END, readme_table(runs), path)
 
 
 def wait_for_quiet(threshold: Optional[float], max_wait: float) -> Optional[float]:

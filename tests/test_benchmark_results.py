@@ -1,5 +1,7 @@
-"""The CPU benchmark's statistics: ratios formed inside each group, pooled over the groups of saved runs."""
+"""The benchmarks' bookkeeping: the CPU benchmark's in-group ratios and pooling, and the README's generated
+tables matching the committed result files they come from."""
 
+import importlib
 import json
 import math
 import statistics
@@ -10,12 +12,20 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _bench():
+    return _import("bench_cpu_lora")
+
+
+def _import(name: str):
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import bench_cpu_lora
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return bench_cpu_lora
+
+
+def _readme_block(start: str, end: str) -> str:
+    readme = (BENCHMARKS.parent / "README.md").read_text(encoding="utf-8")
+    return readme.split(start + "\n", 1)[1].split("\n" + end, 1)[0]
 
 
 def _saved_run(path: Path, date: str, groups: list[tuple[float, float, float, float]]) -> None:
@@ -69,3 +79,19 @@ def test_groups_put_floor_peft_and_ours_of_one_setting_together():
         ["floor", "peft-qv-p0.1", "ours-qv-p0.1"], ["floor", "ours-all-p0"]]
     assert bench.make_groups(["floor", "ours-qv-p0.1"], malloc_ab=True) == [
         ["floor", "floor+malloc", "ours-qv-p0.1", "ours-qv-p0.1+malloc"]]
+
+
+def test_the_readme_cpu_table_is_the_committed_run():
+    """README.md's CPU block is what ``bench_cpu_lora.py --readme`` makes of benchmarks/results/cpu_lora.json."""
+    bench = _bench()
+    saved = json.loads((BENCHMARKS / "results" / "cpu_lora.json").read_text(encoding="utf-8"))
+    assert _readme_block(bench.README_START, bench.README_END) == bench.readme_block(saved), \
+        "rerun: python benchmarks/bench_cpu_lora.py --readme-only"
+
+
+def test_the_readme_methods_table_is_the_committed_runs():
+    """README.md's methods block is what ``compare_methods.py --readme`` makes of benchmarks/results/methods_sst2.json."""
+    compare = _import("compare_methods")
+    runs = json.loads((BENCHMARKS / "results" / "methods_sst2.json").read_text(encoding="utf-8"))
+    assert _readme_block(compare.README_START, compare.README_END) == compare.readme_table(runs), \
+        "rerun: python benchmarks/compare_methods.py --report-only --readme"
