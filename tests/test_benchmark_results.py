@@ -95,3 +95,13 @@ def test_the_readme_methods_table_is_the_committed_runs():
     runs = json.loads((BENCHMARKS / "results" / "methods_sst2.json").read_text(encoding="utf-8"))
     assert _readme_block(compare.README_START, compare.README_END) == compare.readme_table(runs), \
         "rerun: python benchmarks/compare_methods.py --report-only --readme"
+
+
+def test_the_figures_are_made_from_the_committed_results(tmp_path):
+    """plot_results.py draws both README figures from the committed files (a format change would break it here)."""
+    plot = _import("plot_results")
+    results = BENCHMARKS / "results"
+    plot.plot_methods(json.loads((results / "methods_sst2.json").read_text(encoding="utf-8")), str(tmp_path / "m.png"))
+    plot.plot_cpu(json.loads((results / "cpu_lora.json").read_text(encoding="utf-8")), str(tmp_path / "c.png"))
+    for name in ("m.png", "c.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
