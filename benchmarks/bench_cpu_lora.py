@@ -42,6 +42,7 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -425,6 +426,7 @@ def main() -> None:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in configs:
         parse_config(c)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still closes its children (finally)
     groups = make_groups(configs, args.malloc_ab)
     runs: list[dict] = []
     for rnd in range(args.rounds):
