@@ -38,9 +38,10 @@ import lightning.pytorch as pl
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from lightning_peft.lightning.text_classification import TextClassifier
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the example's module (examples.text_classification), which the configs also name
+
+from examples.text_classification import TextClassifier  # noqa: E402
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 CONFIGS = os.path.join(REPO, "examples", "configs")
 
@@ -170,19 +171,11 @@ class PeftTextClassifier(TextClassifier):
 
     Args:
         peft_config: ``{"class_name": "PrefixTuningConfig", "kwargs": {...}}`` for ``peft.<class_name>(**kwargs)``.
-        model_name_or_path, num_labels, learning_rate, weight_decay, warmup_ratio: as for TextClassifier.
+        kwargs: TextClassifier's arguments (jsonargparse follows ``**kwargs`` into its signature).
     """
 
-    def __init__(
-        self,
-        peft_config: dict,
-        model_name_or_path: str,
-        num_labels: int = 2,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.1,
-    ) -> None:
-        super().__init__(model_name_or_path, num_labels, learning_rate, weight_decay, warmup_ratio)
+    def __init__(self, peft_config: dict, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.peft_config_args = peft_config
 
     def configure_model(self) -> None:
@@ -208,6 +201,41 @@ class PeftTextClassifier(TextClassifier):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+def _by_method(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    return by_method
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method measured (in METHODS order): its best learning rate of the seed-0 grid and the accuracy over seeds there.
+
+    Returns dicts with ``method``, ``label``, ``kind`` ("ours" / "peft" / "full"), ``best`` (the best seed-0 run),
+    ``accs`` (dev accuracy in % of every seed at that rate), ``mean``, ``sd`` (0 for one seed), ``fastest``
+    (s / epoch of the least disturbed run: all runs of a method compute the same) and ``paired`` (ours − peft text).
+    """
+    import statistics
+
+    by_method = _by_method(runs)
+    out = []
+    for method, (label, kind, _) in METHODS.items():
+        grid = [r for r in by_method.get(method, []) if r.get("seed", 0) == 0]
+        if not grid:
+            continue
+        best = max(grid, key=lambda r: r["val_acc"])
+        accs = [100 * r["val_acc"] for r in by_method[method] if r["lr"] == best["lr"]]
+        out.append({"method": method, "label": label, "kind": kind, "best": best, "accs": accs,
+                    "mean": statistics.mean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    "fastest": min(r["seconds_per_epoch"] for r in by_method[method]),
+                    "paired": _paired_difference(method, best["lr"], by_method)})
+    return out
+
+
+def _spread(summary: dict[str, Any]) -> str:
+    return f" ± {summary['sd']:.2f}" if len(summary["accs"]) > 1 else ""
+
+
 def _mib(n: Optional[float]) -> str:
     return "—" if n is None else (f"{n / 2**20:.2f}" if n >= 2**20 / 100 else f"{n / 2**10:.1f} KiB")
 
@@ -215,8 +243,6 @@ def _mib(n: Optional[float]) -> str:
 def write_report(runs: list[dict[str, Any]], path: str) -> str:
     """The markdown table: per method the best learning rate of the grid (first seed), its accuracy
     over all seeds run at that rate, and the grid behind it."""
-    import statistics
-
     lines = ["# SST-2 (dev accuracy) with all-MiniLM-L6-v2: every method under one budget", ""]
     if runs:
         r0 = runs[0]
@@ -232,23 +258,14 @@ def write_report(runs: list[dict[str, Any]], path: str) -> str:
             "| method | trainable params | dev accuracy | seeds | ours − peft, paired by seed | best lr | grid, seed 0 (lr: acc %) | s / epoch | weights file | Lightning ckpt |",
             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
         ]
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        by_method.setdefault(run["method"], []).append(run)
-    for method in METHODS:
-        group = by_method.get(method, [])
-        grid = sorted((r for r in group if r.get("seed", 0) == 0), key=lambda r: r["lr"])
-        if not grid:
-            continue
-        best = max(grid, key=lambda r: r["val_acc"])
-        accs = [100 * r["val_acc"] for r in group if r["lr"] == best["lr"]]
-        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+    by_method = _by_method(runs)
+    for s in summarize(runs):
+        grid = sorted((r for r in by_method[s["method"]] if r.get("seed", 0) == 0), key=lambda r: r["lr"])
         grid_text = ", ".join(f"{r['lr']:g}: {100 * r['val_acc']:.1f}" for r in grid)
-        fastest = min(r["seconds_per_epoch"] for r in group)  # all runs of a method compute the same; the least disturbed
-        paired = _paired_difference(method, best["lr"], by_method)
+        best = s["best"]
         lines.append(
-            f"| {METHODS[method][0]} | {best['trainable']:,d} | {statistics.mean(accs):.2f}%{spread} | {len(accs)} | {paired} | {best['lr']:g} | "
-            f"{grid_text} | {fastest:.0f} | {_mib(best['weights_bytes'])} | {_mib(best['lightning_ckpt_bytes'])} |"
+            f"| {s['label']} | {best['trainable']:,d} | {s['mean']:.2f}%{_spread(s)} | {len(s['accs'])} | {s['paired']} | {best['lr']:g} | "
+            f"{grid_text} | {s['fastest']:.0f} | {_mib(best['weights_bytes'])} | {_mib(best['lightning_ckpt_bytes'])} |"
         )
     lines += [
         "",
@@ -301,41 +318,24 @@ README_END = "<!-- methods-table:end -->"
 
 def readme_table(runs: list[dict[str, Any]]) -> str:
     """The README's condensed table: per method its best-lr accuracy over seeds, the paired gap to peft, speed, sizes."""
-    import statistics
-
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        by_method.setdefault(run["method"], []).append(run)
     lines = [
         "| method | trainable params | SST-2 dev accuracy (mean ± sd over seeds) | ours − peft (paired) | s / epoch | weights to ship (MiB) | Lightning ckpt (MiB) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for method in METHODS:
-        grid = [r for r in by_method.get(method, []) if r.get("seed", 0) == 0]
-        if not grid:
-            continue
-        best = max(grid, key=lambda r: r["val_acc"])
-        accs = [100 * r["val_acc"] for r in by_method[method] if r["lr"] == best["lr"]]
-        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        fastest = min(r["seconds_per_epoch"] for r in by_method[method])
+    for s in summarize(runs):
+        best = s["best"]
         lines.append(
-            f"| {METHODS[method][0]} | {best['trainable']:,d} | {statistics.mean(accs):.2f}%{spread} (n={len(accs)}) | "
-            f"{_paired_difference(method, best['lr'], by_method)} | {fastest:.0f} | {_mib(best['weights_bytes'])} | "
-            f"{_mib(best['lightning_ckpt_bytes'])} |"
+            f"| {s['label']} | {best['trainable']:,d} | {s['mean']:.2f}%{_spread(s)} (n={len(s['accs'])}) | "
+            f"{s['paired']} | {s['fastest']:.0f} | {_mib(best['weights_bytes'])} | {_mib(best['lightning_ckpt_bytes'])} |"
         )
     return "\n".join(lines)
 
 
 def update_readme(runs: list[dict[str, Any]], path: str) -> None:
     """Replace the block between README_START and README_END in ``path`` with :func:`readme_table`."""
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"{path} has no {README_START!r} ... {README_END!r} block to update")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(head + README_START + "\n" + readme_table(runs) + "\n" + README_END + tail)
+    from readme_block import replace_block
+
+    replace_block(README_START, README_END, readme_table(runs), path)
 
 
 def wait_for_quiet(threshold: Optional[float], max_wait: float) -> Optional[float]:

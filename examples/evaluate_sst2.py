@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
 
-from lightning_peft import load_peft_checkpoint
-from lightning_peft.lightning.text_classification import TextClassifier, load_tokenizer, read_tsv
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: `examples` importable
+
+from examples.text_classification import TextClassifier, load_tokenizer, read_tsv  # noqa: E402
+from lightning_peft import load_peft_checkpoint  # noqa: E402
 
 
 def main() -> None:

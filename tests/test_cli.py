@@ -16,6 +16,7 @@ from lightning_fixtures import LlamaModule, TokensData, load_ckpt, save_tiny_cla
 from lightning_peft.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the configs name the example code (examples.*), found from the repository root
 CONFIG = REPO / "examples" / "configs" / "sst2_lora.yaml"
 SST2_DEV = REPO / "examples" / "data" / "sst2" / "dev.tsv"
 
@@ -48,7 +49,7 @@ def test_print_config_through_python_dash_m(tmp_path):
     lora = peft["init_args"]["peft_config"]
     assert lora["class_path"] == "lightning_peft.LoraConfig"
     assert lora["init_args"]["r"] == 8 and lora["init_args"]["target_modules"] == ["query", "key", "value", "attention.output.dense"]
-    assert config["model"]["class_path"] == "lightning_peft.lightning.text_classification.TextClassifier"
+    assert config["model"]["class_path"] == "examples.text_classification.TextClassifier"
 
 
 def test_fit_saves_its_config_and_resumes_into_the_same_directory(tmp_path, tiny_bert_dir, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,10 +14,13 @@ import torch
 from lightning_fixtures import load_ckpt, save_tiny_classifier
 from lightning_peft import get_tuner, load_peft_checkpoint
 from lightning_peft.cli import PEFTLightningCLI
-from lightning_peft.lightning.summary import FitSummary
-from lightning_peft.lightning.text_classification import TextClassifier, read_tsv
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the example code (examples.*), as the CLI finds it from the repository root
+
+from examples.fit_summary import FitSummary  # noqa: E402
+from examples.text_classification import TextClassifier, read_tsv  # noqa: E402
+
 CONFIG = REPO / "examples" / "configs" / "sst2_lora.yaml"
 DATA = REPO / "examples" / "data" / "sst2"
 

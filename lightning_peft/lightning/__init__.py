@@ -1,8 +1,4 @@
-"""Lightning glue: the PEFT callback, checkpoint IO plugins, and a reusable text-classification task.
-
-``text_classification`` (TextClassifier, TextClassificationData) is not imported here, so that
-importing the callback does not import transformers' model classes.
-"""
+"""Lightning glue: the PEFT callback and checkpoint IO plugins."""
 
 from lightning_peft.lightning.callback import PEFTCallback, apply_peft
 from lightning_peft.lightning.checkpoint_io import AdapterCheckpointIO, AtomicCheckpointIO

@@ -1,4 +1,7 @@
-"""A reusable text-classification task: any local transformers model + a TSV dataset, for every PEFT method.
+"""The example's text-classification task: any local transformers model + a TSV dataset, for every PEFT method.
+
+Example code, not part of the ``lightning_peft`` package: the YAML configs name it as
+``class_path: examples.text_classification.TextClassifier`` (run from the repository root).
 
 The LightningModule knows nothing of PEFT (``PEFTCallback`` adapts ``self.model``), so the same
 module and data serve LoRA, adapters, prefix/prompt tuning and BitFit with only another config.

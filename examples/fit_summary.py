@@ -1,4 +1,4 @@
-"""``FitSummary``: after ``fit``, print the validation metric, the time, and the adapter checkpoint size vs the full model."""
+"""``FitSummary`` (the example's end-of-run report): after ``fit``, print the validation metric, the time, and the adapter checkpoint size vs the full model."""
 
 from __future__ import annotations
 
