@@ -21,6 +21,7 @@ from lightning_peft.ops import lora_linear
 from lightning_peft.tuners.config import LayerTargetsConfig, register_config
 from lightning_peft.tuners.injection import register_tuner
 from lightning_peft.tuners.layers import LINEAR_TYPES, BaseLayerAdapter, LayerReplacementTuner, LinearAdapterLayer
+from lightning_peft.tuners.lora_branch import LoraBranch
 from lightning_peft.tuners.lora_conv import LoraConv, check_conv_supported
 from lightning_peft.tuners.lora_embedding import LoraEmbedding
 from lightning_peft.tuners.lora_init import is_principal_init, principal_factors, to_plain_lora
@@ -99,51 +100,37 @@ class LoraConfig(LayerTargetsConfig):
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-class LoraLinear(LinearAdapterLayer):
+class LoraLinear(LoraBranch, LinearAdapterLayer):
     """A linear layer with a LoRA update, in place of ``nn.Linear`` / ``Conv1D``.
 
     Args:
         base: the layer being adapted; its ``weight`` (and ``bias``) become this layer's.
         r, scaling, dropout_p: rank, multiplier, branch dropout probability.
-        init: ``True`` / ``"gaussian"`` / ``False`` (see :class:`LoraConfig`).
+        init: ``True`` / ``"gaussian"`` / ``False`` / PiSSA / OLoRA (see :class:`LoraConfig`).
         seed: key of this layer's dropout masks.
 
     Input ``[*, in_features]``, output ``[*, out_features]``.
     """
 
-    adapter_parameter_names = ("lora_A.weight", "lora_B.weight")
-    adapter_buffer_names = ("lora_rng",)
-    dropout_rng_buffer_names = ("lora_rng",)
-    can_merge = True
-
     def __init__(self, base: nn.Module, *, r: int, scaling: float, dropout_p: float, init: Union[bool, str], seed: int) -> None:
         super().__init__(base)
-        self.r, self.scaling, self.dropout_p = r, scaling, dropout_p
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
-        self._init_lora(init)
-        self.register_buffer("lora_rng", torch.tensor([seed, 0], dtype=torch.int64, device=self.weight.device))
+        principal = is_principal_init(init)
+        self.add_branch(nn.Linear(self.in_features, r, bias=False, **factory), nn.Linear(r, self.out_features, bias=False, **factory),
+                        r=r, scaling=scaling, dropout_p=dropout_p, init=False if principal else init, seed=seed)
+        if principal:
+            self._init_from_base(init)
 
     @torch.no_grad()
-    def _init_lora(self, init: Union[bool, str]) -> None:
-        if init is False:
-            return  # nn.Linear's default init for both: a deliberately non-identity start
-        if is_principal_init(init):
-            a, b = principal_factors(self.base_weight(), self.r, self.scaling, init)
-            self.lora_A.weight.copy_(a)
-            self.lora_B.weight.copy_(b)
-            residual = self.base_weight().to(a.dtype) - self.scaling * (b @ a)  # the base keeps the rest
-            self.base_weight().copy_(residual)
-            # the starting point, for saving as a plain LoRA of the original weights (not saved itself)
-            self.register_buffer("lora_A_initial", self.lora_A.weight.detach().clone(), persistent=False)
-            self.register_buffer("lora_B_initial", self.lora_B.weight.detach().clone(), persistent=False)
-            return
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+    def _init_from_base(self, init: str) -> None:
+        """PiSSA / OLoRA: A and B from the base weight, which keeps the residual (see ``lora_init``)."""
+        a, b = principal_factors(self.base_weight(), self.r, self.scaling, init)
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
+        self.base_weight().copy_(self.base_weight().to(a.dtype) - self.scaling * (b @ a))
+        # the starting point, for saving as a plain LoRA of the original weights (not saved itself)
+        self.register_buffer("lora_A_initial", self.lora_A.weight.detach().clone(), persistent=False)
+        self.register_buffer("lora_B_initial", self.lora_B.weight.detach().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_active():
@@ -166,8 +153,6 @@ class LoraLinear(LinearAdapterLayer):
         delta = (b.to(compute_dtype) @ a.to(compute_dtype)) * self.scaling  # [out, in]
         return delta.t() if self.fan_in_fan_out else delta
 
-    def adapter_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, dropout_p={self.dropout_p:g}"
 
 
 @register_tuner("LORA")

@@ -13,13 +13,13 @@ the LoRA op's, so a resumed run repeats them; on a GPU the key is read on the ho
 
 from __future__ import annotations
 
-import math
 from typing import Union
 
 import torch
 from torch import nn
 
 from lightning_peft.tuners.layers import ConvAdapterLayer
+from lightning_peft.tuners.lora_branch import LoraBranch
 
 __all__ = ["LoraConv", "check_conv_supported"]
 
@@ -50,7 +50,7 @@ def _keyed_dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor
     return x * keep.to(device=x.device, dtype=x.dtype) / (1.0 - p)
 
 
-class LoraConv(ConvAdapterLayer):
+class LoraConv(LoraBranch, ConvAdapterLayer):
     """A ``Conv1d`` / ``Conv2d`` with a LoRA branch.
 
     Args:
@@ -60,27 +60,14 @@ class LoraConv(ConvAdapterLayer):
         seed: key of this layer's dropout masks.
     """
 
-    adapter_parameter_names = ("lora_A.weight", "lora_B.weight")
-    adapter_buffer_names = ("lora_rng",)
-    dropout_rng_buffer_names = ("lora_rng",)
-    can_merge = True
-
     def __init__(self, base: nn.Module, *, r: int, scaling: float, dropout_p: float, init: Union[bool, str], seed: int) -> None:
         super().__init__(base)
-        self.r, self.scaling, self.dropout_p = r, scaling, dropout_p
         conv = _CONV_BY_DIMS[self.weight.dim()]
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        ones = (1,) * (self.weight.dim() - 2)
-        self.lora_A = conv(self.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False, **factory)
-        self.lora_B = conv(r, self.out_channels, ones, ones, bias=False, **factory)
-        if init is not False:
-            with torch.no_grad():
-                if init == "gaussian":
-                    nn.init.normal_(self.lora_A.weight, std=1.0 / r)
-                else:
-                    nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-                nn.init.zeros_(self.lora_B.weight)
-        self.register_buffer("lora_rng", torch.tensor([seed, 0], dtype=torch.int64, device=self.weight.device))
+        ones = (1,) * (self.weight.dim() - 2)  # lora_B: a 1x1 convolution
+        self.add_branch(conv(self.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False, **factory),
+                        conv(r, self.out_channels, ones, ones, bias=False, **factory),
+                        r=r, scaling=scaling, dropout_p=dropout_p, init=init, seed=seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)
@@ -97,5 +84,3 @@ class LoraConv(ConvAdapterLayer):
         dtype = torch.float32 if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16) else a.dtype
         return torch.einsum("or,ri...->oi...", b.to(dtype).flatten(1), a.to(dtype)) * self.scaling
 
-    def adapter_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, dropout_p={self.dropout_p:g}"
