@@ -13,11 +13,19 @@ from lightning_peft.tuners.injection import (
     load_adapter_state_dict,
     remove_adapter,
 )
-from lightning_peft.tuners.layers import LayerReplacementTuner, LinearAdapterLayer
+from lightning_peft.tuners.layers import (
+    BaseLayerAdapter,
+    ConvAdapterLayer,
+    EmbeddingAdapterLayer,
+    LayerReplacementTuner,
+    LinearAdapterLayer,
+)
 from lightning_peft.tuners.adapter import AdapterConfig, AdapterTuner, BottleneckAdapterLayer
 from lightning_peft.tuners.bitfit import BitFitConfig, BitFitTuner
 from lightning_peft.tuners.ia3 import IA3Config, IA3Linear, IA3Tuner
 from lightning_peft.tuners.lora import LoraConfig, LoraLinear, LoraTuner
+from lightning_peft.tuners.lora_conv import LoraConv
+from lightning_peft.tuners.lora_embedding import LoraEmbedding
 from lightning_peft.tuners.prefix import PrefixEncoder, PrefixTuner, PrefixTuningConfig
 from lightning_peft.tuners.prompt import PromptEmbedding, PromptTuner, PromptTuningConfig
 
@@ -29,7 +37,10 @@ __all__ = [
     "AdapterModule",
     "Tuner",
     "ModuleReplacementTuner",
+    "BaseLayerAdapter",
     "LinearAdapterLayer",
+    "EmbeddingAdapterLayer",
+    "ConvAdapterLayer",
     "LayerReplacementTuner",
     "inject_adapter",
     "remove_adapter",
@@ -42,6 +53,8 @@ __all__ = [
     "IA3Tuner",
     "LoraConfig",
     "LoraLinear",
+    "LoraEmbedding",
+    "LoraConv",
     "LoraTuner",
     "AdapterConfig",
     "BottleneckAdapterLayer",
