@@ -14,7 +14,9 @@ Variants (each the op as shipped, with one mechanism swapped out):
 
 * ``positions``: the op as shipped (CPU drop positions; backward keeps the distances as bytes);
 * ``replay``: backward keeps only the (seed, offset) key and draws the positions again;
-* ``philox``: the non-CPU path on CPU: Philox packed keep-bits drawn with torch integer ops.
+* ``philox``: the non-CPU path on CPU: Philox packed keep-bits drawn with torch integer ops;
+* ``dora``: not a mechanism but a method: the op as shipped under DoRA (``use_dora=True``), whose
+  step over the ``positions`` step is DoRA's cost over LoRA (``--variants positions,dora``).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_cpu_op_ab.py --targets all --reps 24
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_cpu_op_ab.py --targets qv --variants positions,replay
@@ -31,7 +33,7 @@ from typing import Iterator
 
 import torch
 
-VARIANTS = ("positions", "replay", "philox")
+VARIANTS = ("positions", "replay", "philox", "dora")
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 
 
@@ -50,7 +52,7 @@ def variant(name: str) -> Iterator[None]:
         op.encode_drop_positions, op._uses_drop_positions = saved
 
 
-def build(targets, p: float | None):
+def build(targets, p: float | None, dora: bool = False):
     """A step function (forward + backward) of the reference model: frozen floor when ``targets`` is None."""
     import transformers
 
@@ -64,7 +66,8 @@ def build(targets, p: float | None):
         model.requires_grad_(False)
         model.enable_input_require_grads()
     else:
-        model = lightning_peft.get_peft_model(model, lightning_peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=p, target_modules=targets))
+        model = lightning_peft.get_peft_model(model, lightning_peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=p, target_modules=targets,
+                                                                                       use_dora=dora))
     model.train()
     ids = torch.randint(0, config.vocab_size, (8, 256), generator=torch.Generator().manual_seed(0))
 
@@ -93,10 +96,13 @@ def main() -> None:
     torch.set_num_threads(2)
     floor, lora = build(None, None), build(TARGETS[args.targets], args.p)
     names = ["floor", *args.variants.split(",")]
+    dora = build(TARGETS[args.targets], args.p, dora=True) if "dora" in names else None
 
     def timed(name: str) -> tuple[float, float]:
         if name == "floor":
             return floor()
+        if name == "dora":
+            return dora()
         with variant(name):
             return lora()
 

@@ -174,10 +174,7 @@ def test_all_linear_still_means_linear_layers_only():
     assert type(model.base_model.model.embed_tokens) is nn.Embedding
 
 
-def test_dora_and_quantized_bases_are_refused_clearly_for_now():
-    with pytest.raises(ValueError, match="DoRA is not supported in this version"):
-        get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
-
+def test_quantized_bases_are_refused_clearly_for_now():
     class PackedLinear(nn.Linear):  # what bitsandbytes' Linear4bit looks like to us: an nn.Linear with integer weight
         def __init__(self) -> None:
             super().__init__(4, 4)

@@ -54,7 +54,8 @@ class LoraConfig(LayerTargetsConfig):
             ``False`` (A and B both random: the adapted model starts different; for tests).
         fan_in_fan_out: the target stores its weight as ``[in, out]``; read from the layer type
             (GPT-2 ``Conv1D``), so it only exists for peft compatibility.
-        use_dora: peft's DoRA switch; not supported yet (True is refused with a clear error).
+        use_dora: DoRA (a learned magnitude per output, see :mod:`~lightning_peft.tuners.dora`); linear
+            layers only.
     """
 
     peft_type = "LORA"
@@ -70,11 +71,7 @@ class LoraConfig(LayerTargetsConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.use_dora:
-            raise ValueError(
-                "LoraConfig(use_dora=True): DoRA is not supported in this version of lightning_peft; use plain LoRA "
-                "(use_dora=False), or peft for DoRA adapters"
-            )
+
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer (the rank), got {self.r!r}; typical values are 4-64")
         if not self.lora_alpha > 0:
@@ -171,6 +168,11 @@ class LoraTuner(LayerReplacementTuner):
             module = model.get_submodule(name)
             if isinstance(module, (nn.Conv1d, nn.Conv2d)):
                 check_conv_supported(name, module)
+            if self.config.use_dora and not isinstance(module, LINEAR_TYPES):
+                raise ValueError(
+                    f"use_dora=True adapts linear layers, but {name} is a {type(module).__name__}; leave it out of "
+                    "target_modules (or use plain LoRA for it in a separate config)"
+                )
             if principal and not (isinstance(module, LINEAR_TYPES) and module.weight.dtype in _PRINCIPAL_DTYPES):
                 raise ValueError(
                     f"init_lora_weights={self.config.init_lora_weights!r} initialises from the weight of linear layers in "
@@ -184,7 +186,9 @@ class LoraTuner(LayerReplacementTuner):
         if isinstance(base, nn.Embedding):
             return LoraEmbedding(base, r=cfg.r, scaling=cfg.scaling, init=cfg.init_lora_weights)
         seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: seed it for reproducible masks
-        kind = LoraConv if isinstance(base, (nn.Conv1d, nn.Conv2d)) else LoraLinear
+        from lightning_peft.tuners.dora import DoraLinear  # dora.py builds on LoraLinear, defined above
+
+        kind = LoraConv if isinstance(base, (nn.Conv1d, nn.Conv2d)) else DoraLinear if cfg.use_dora else LoraLinear
         return kind(base, r=cfg.r, scaling=cfg.scaling, dropout_p=cfg.lora_dropout, init=cfg.init_lora_weights, seed=seed)
 
     def extra_trainable_parameter_names(self, model: nn.Module) -> list[str]:

@@ -1,0 +1,109 @@
+"""DoRA (Liu et al., 2024): LoRA with a learned magnitude per output, peft's ``LoraConfig(use_dora=True)``.
+
+``y = b + c ⊙ (x Wᵀ + s · dropout(x) Aᵀ Bᵀ)`` with ``c = m / ‖W + s B A‖`` (row norms, treated as a
+constant in backward, as peft does) and ``m = lora_magnitude_vector [out]``, initialised to the row
+norms so the adapted model starts as the base. The bracket is the LoRA op itself (bias left out),
+so DoRA runs through the same kernels; the scale is one more elementwise pass. peft computes the
+same at dropout 0; with dropout it also feeds the *dropped* input through the base weight for the
+``(c - 1)`` part (a second base GEMM), which this layer does not: its dropout acts on the LoRA
+branch only.
+
+The row norms never materialise ``B A`` or ``W + s B A`` (``[out, in]``):
+``‖W_o + s (BA)_o‖² = ‖W_o‖² + 2 s B_o · (A W_oᵀ) + s² B_o (A Aᵀ) B_oᵀ`` needs the ``[out, r]``
+product ``W Aᵀ`` and the ``r × r`` Gram matrix; ``‖W_o‖²`` is kept while the frozen weight is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+from lightning_peft.ops import lora_linear
+from lightning_peft.tuners.lora import LoraLinear
+
+__all__ = ["DoraLinear"]
+
+
+class DoraLinear(LoraLinear):
+    """A LoRA linear layer with DoRA's magnitude vector (``lora_magnitude_vector [out]``, peft's key).
+
+    Args: as :class:`~lightning_peft.tuners.lora.LoraLinear`.
+    """
+
+    adapter_parameter_names = LoraLinear.adapter_parameter_names + ("lora_magnitude_vector",)
+
+    def __init__(self, base: nn.Module, *, r: int, scaling: float, dropout_p: float, init: Union[bool, str], seed: int) -> None:
+        super().__init__(base, r=r, scaling=scaling, dropout_p=dropout_p, init=init, seed=seed)
+        self._weight_sq: tuple[tuple, torch.Tensor] | None = None  # ((weight version, device, dtype), ‖W_o‖² [out])
+        with torch.no_grad():
+            self.lora_magnitude_vector = nn.Parameter(self.row_norms())
+        self.register_buffer("merged_scale", torch.ones_like(self.lora_magnitude_vector), persistent=False)
+
+    @torch.no_grad()
+    def row_norms(self) -> torch.Tensor:
+        """``‖W_o + s (B A)_o‖`` for every output ``o``, ``[out]`` (fp32 on CPU for half precision), no grad."""
+        w = self.base_weight()
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) and w.device.type == "cpu" else w.dtype
+        w, a, b = w.to(dtype), self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        key = (self.weight._version, w.device, w.dtype)
+        if self._weight_sq is None or self._weight_sq[0] != key:  # the weight is frozen: usually computed once
+            self._weight_sq = (key, w.square().sum(1))
+        cross = (b * (w @ a.t())).sum(1)  # B_o · (A W_oᵀ), [out]
+        quad = ((b @ (a @ a.t())) * b).sum(1)  # B_o (A Aᵀ) B_oᵀ, [out]
+        s = self.scaling
+        return (self._weight_sq[1] + 2 * s * cross + s * s * quad).clamp_min(0).sqrt().to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_active():
+            return self.base_forward(x)
+        weight, lora_a, lora_b = self.base_weight(), self.lora_A.weight, self.lora_B.weight
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+        x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
+        y = lora_linear(x, weight, None, lora_a, lora_b, scaling=self.scaling, dropout_p=self.dropout_p,
+                        rng=self.lora_rng, training=self.training)  # [*, out]
+        scale = (self.lora_magnitude_vector / self.row_norms()).to(dtype)  # the norm is a constant to autograd
+        y = y * scale
+        return y if self.bias is None else y + self.bias.to(dtype)
+
+    def _merge_scale(self) -> torch.Tensor:
+        return (self.lora_magnitude_vector.detach() / self.row_norms()).to(self._compute_dtype())
+
+    @torch.no_grad()
+    def check_mergeable(self) -> None:
+        merged = self._merge_scale()[:, None] * (self.base_weight().to(self._compute_dtype()) + self._delta_out_in())
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging the DoRA layer ({self.extra_repr()}) would put NaN/inf into its weight; nothing was merged")
+
+    def _delta_out_in(self) -> torch.Tensor:
+        delta = self.delta_weight().to(self._compute_dtype())
+        return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W <- c ⊙ (W + s B A)`` with the current ``c``, kept for :meth:`unmerge` (the bias is unchanged)."""
+        if self.merged:
+            return
+        scale = self._merge_scale()
+        merged = scale[:, None] * (self.base_weight().to(self._compute_dtype()) + self._delta_out_in())
+        self.base_weight().copy_(merged.to(self.weight.dtype))
+        self.merged_scale.copy_(scale.to(self.merged_scale.dtype))
+        self.merged = True
+
+    def check_unmergeable(self) -> None:
+        if (self.merged_scale == 0).any():
+            raise ValueError(f"cannot unmerge the DoRA layer ({self.extra_repr()}): a magnitude is 0; nothing was unmerged")
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.check_unmergeable()
+        scale = self.merged_scale.to(self._compute_dtype())
+        weight = self.base_weight().to(self._compute_dtype()) / scale[:, None] - self._delta_out_in()
+        self.base_weight().copy_(weight.to(self.weight.dtype))
+        self.merged = False
+
+    def adapter_repr(self) -> str:
+        return super().adapter_repr() + ", dora=True"
