@@ -24,6 +24,7 @@ from lightning_peft.tuners.adapter import AdapterConfig, AdapterTuner, Bottlenec
 from lightning_peft.tuners.bitfit import BitFitConfig, BitFitTuner
 from lightning_peft.tuners.ia3 import IA3Config, IA3Linear, IA3Tuner
 from lightning_peft.tuners.lora import LoraConfig, LoraLinear, LoraTuner
+from lightning_peft.tuners.dora import DoraLinear
 from lightning_peft.tuners.lora_conv import LoraConv
 from lightning_peft.tuners.lora_embedding import LoraEmbedding
 from lightning_peft.tuners.prefix import PrefixEncoder, PrefixTuner, PrefixTuningConfig
@@ -55,6 +56,7 @@ __all__ = [
     "LoraLinear",
     "LoraEmbedding",
     "LoraConv",
+    "DoraLinear",
     "LoraTuner",
     "AdapterConfig",
     "BottleneckAdapterLayer",
