@@ -56,6 +56,8 @@ METHODS: dict[str, tuple[str, str, list[float]]] = {
     "prompt": ("prompt tuning (ours)", "ours", [1e-3, 3e-3, 1e-2, 3e-2]),
     "peft_prompt": ("prompt tuning (peft)", "peft", [1e-3, 3e-3, 1e-2, 3e-2]),
     "bitfit": ("BitFit (ours)", "ours", [1e-3, 3e-3, 1e-2]),
+    "dora": ("DoRA (ours)", "ours", [5e-4, 1e-3, 3e-3, 1e-2]),
+    "peft_dora": ("DoRA (peft)", "peft", [5e-4, 1e-3, 3e-3, 1e-2]),
     "ia3": ("(IA)³ (ours)", "ours", [3e-3, 1e-2, 3e-2, 1e-1]),
     "peft_ia3": ("(IA)³ (peft)", "peft", [3e-3, 1e-2, 3e-2, 1e-1]),
 }

@@ -32,6 +32,9 @@ IMPLS = ["eager", "compiled", "ours", "ours_post"]
 COLORS = {"eager": "#d62728", "compiled": "#ff7f0e", "ours": "#2ca02c", "ours_post": "#98df8a"}
 
 
+LABEL_NUDGE = {"LoRA": 4, "DoRA": -12}  # vertical label offsets (points) where markers crowd
+
+
 def _short(config: str) -> str:
     """'cuda-bf16-N8192-K4096-D4096-r16-p0.1-fwdbwd' -> 'bf16 N8192 4096x4096 r16 p0.1 fwdbwd' (other names unchanged)."""
     parts = config.split("-")
@@ -95,7 +98,8 @@ def plot_methods(runs: list[dict], out_png: str) -> None:
                  "peft": dict(marker="D", ms=14, mfc="none", mew=1.5, color=color)}[s["kind"]]
         ax.errorbar([x], [y], yerr=[s["sd"]], capsize=3, ls="none", **style)
         if s["kind"] != "peft":
-            ax.annotate(name, (x, y), xytext=(8, -4), textcoords="offset points", fontsize=9)
+            # labels of methods whose points nearly coincide (LoRA / DoRA) go above and below
+            ax.annotate(name, (x, y), xytext=(8, LABEL_NUDGE.get(name, -4)), textcoords="offset points", fontsize=9)
         if s["kind"] == "full":
             ax.axhline(y, color="gray", ls=":", lw=1)
     ax.plot([], [], "o", color="gray", label="lightning_peft")

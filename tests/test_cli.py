@@ -127,7 +127,7 @@ def test_cli_works_without_the_peft_section(tmp_path, tiny_bert_dir, monkeypatch
 # Parameter-name fragments that only the method's own trainable tensors carry (prefix and prompt
 # tuning keep peft's name for their table: prompt_encoder.embedding).
 METHOD_KEY_FRAGMENT = {"lora": ".lora_", "adapter": "adapter", "prefix": "prompt_encoder", "prompt": "prompt_encoder", "bitfit": ".bias",
-                       "ia3": ".ia3_l"}
+                       "ia3": ".ia3_l", "dora": ".lora_"}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_KEY_FRAGMENT))
