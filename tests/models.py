@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,6 +62,43 @@ def logits_alone_and_right_padded(model: torch.nn.Module, x: torch.Tensor, pad: 
     padded = torch.cat((x, torch.zeros(1, pad, dtype=torch.long)), dim=1)
     mask = torch.cat((torch.ones_like(x), torch.zeros(1, pad, dtype=torch.long)), dim=1)
     return model(input_ids=x, attention_mask=torch.ones_like(x)).logits, model(input_ids=padded, attention_mask=mask).logits
+
+
+def assert_outputs_and_grads_match(ours, theirs, run, their_key, *, rtol: float, atol: float) -> list[str]:
+    """Run ``run(model) -> output`` on our PeftModel and on peft's, compare the outputs, backpropagate one
+    random gradient through both and compare the gradient of every trainable parameter of ours with peft's
+    ``their_key(name)``. Returns the names compared (callers check it is not empty)."""
+    y_ours, y_theirs = run(ours), run(theirs)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=rtol, atol=atol)
+    grad = torch.randn_like(y_ours)
+    y_ours.backward(grad)
+    y_theirs.backward(grad)
+    their_params = dict(theirs.named_parameters())
+    names = [n for n, p in ours.base_model.named_parameters() if p.requires_grad]
+    for name, param in ours.base_model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, their_params[their_key(name)].grad, rtol=rtol, atol=atol)
+    return names
+
+
+@torch.no_grad()
+def assert_merge_round_trip(model, ids: torch.Tensor, *, rtol: float, atol: float, weight_tol: float) -> torch.Tensor:
+    """merge_adapter() keeps the outputs, unmerge_adapter() gives back every non-adapter tensor (within
+    ``weight_tol``), merge_and_unload() on a copy keeps the outputs. Returns the adapted logits."""
+    adapter = set(model.adapter_state_dict())
+    before = {k: v.clone() for k, v in model.base_model.state_dict().items() if k not in adapter}
+    adapted = model(input_ids=ids).logits
+    model.merge_adapter()
+    torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=rtol, atol=atol)
+    model.unmerge_adapter()
+    for key, value in before.items():
+        torch.testing.assert_close(model.base_model.state_dict()[key], value, rtol=weight_tol, atol=weight_tol)
+    merged = copy.deepcopy(model).merge_and_unload()
+    from lightning_peft.tuners import AdapterLayer
+
+    assert not any(isinstance(m, AdapterLayer) for m in merged.modules())  # plain layers back in place
+    torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=rtol, atol=atol)
+    return adapted
 
 
 MODEL_FACTORIES = {

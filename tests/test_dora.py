@@ -7,7 +7,7 @@ import copy
 import peft
 import pytest
 import torch
-from models import MODEL_FACTORIES, random_ids, tiny_llama
+from models import MODEL_FACTORIES, assert_merge_round_trip, assert_outputs_and_grads_match, random_ids, tiny_llama
 
 from lightning_peft import LoraConfig, PeftModel, get_peft_model
 from lightning_peft.tuners.dora import DoraLinear
@@ -41,17 +41,8 @@ def test_outputs_and_gradients_match_peft_in_float64(kind):
     ours.double().train()
     theirs.double().train()
     ids = random_ids(1)
-    y_ours, y_theirs = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
-    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-10, atol=1e-10)
-    grad = torch.randn_like(y_ours)
-    y_ours.backward(grad)
-    y_theirs.backward(grad)
-    their_params = dict(theirs.named_parameters())
-    names = [n for n, p in ours.base_model.named_parameters() if p.requires_grad]
+    names = assert_outputs_and_grads_match(ours, theirs, lambda m: m(input_ids=ids).logits, _their_key, rtol=1e-9, atol=1e-10)
     assert any(n.endswith("lora_magnitude_vector") for n in names)
-    for name in names:
-        torch.testing.assert_close(dict(ours.base_model.named_parameters())[name].grad, their_params[_their_key(name)].grad,
-                                   rtol=1e-9, atol=1e-10)
 
 
 def test_the_row_norms_equal_the_materialised_ones_and_init_is_the_base():
@@ -69,17 +60,7 @@ def test_the_row_norms_equal_the_materialised_ones_and_init_is_the_base():
 def test_merge_unmerge_and_merge_and_unload(kind):
     _, ours, _ = twins(kind)
     ours.double().eval()
-    before = {k: v.clone() for k, v in ours.base_model.state_dict().items()}
-    ids = random_ids(3)
-    with torch.no_grad():
-        adapted = ours(input_ids=ids).logits
-        ours.merge_adapter()
-        torch.testing.assert_close(ours(input_ids=ids).logits, adapted, rtol=1e-10, atol=1e-10)
-        ours.unmerge_adapter()
-        for key, value in ours.base_model.state_dict().items():
-            torch.testing.assert_close(value, before[key], rtol=1e-10, atol=1e-12)
-        plain = copy.deepcopy(ours).merge_and_unload()
-        torch.testing.assert_close(plain(input_ids=ids).logits, adapted, rtol=1e-10, atol=1e-10)
+    assert_merge_round_trip(ours, random_ids(3), rtol=1e-10, atol=1e-10, weight_tol=1e-10)
 
 
 def test_files_load_both_ways(tmp_path):

@@ -7,7 +7,7 @@ import copy
 import peft
 import pytest
 import torch
-from models import MODEL_FACTORIES, random_ids, tiny_bert, tiny_gpt2, tiny_llama
+from models import MODEL_FACTORIES, assert_merge_round_trip, assert_outputs_and_grads_match, random_ids, tiny_bert, tiny_gpt2, tiny_llama
 
 from lightning_peft import IA3Config, PeftModel, get_peft_model
 from lightning_peft.tuners.ia3 import IA3Linear
@@ -46,18 +46,9 @@ def test_outputs_and_gradients_match_peft_in_float64(kind):
     ours.double().train()
     theirs.double().train()
     ids = random_ids(1)
-    y_ours, y_theirs = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
-    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-10, atol=1e-10)
-    grad_out = torch.randn_like(y_ours)
-    y_ours.backward(grad_out)
-    y_theirs.backward(grad_out)
-    their_params = dict(theirs.named_parameters())
-    checked = 0
-    for name, param in ours.base_model.named_parameters():
-        if name.endswith(".ia3_l"):
-            torch.testing.assert_close(param.grad, their_params[f"base_model.model.{name}.default"].grad, rtol=1e-10, atol=1e-10)
-            checked += 1
-    assert checked == len(ia3_layers(ours)) > 0
+    names = assert_outputs_and_grads_match(ours, theirs, lambda m: m(input_ids=ids).logits,
+                                           lambda n: f"base_model.model.{n}.default", rtol=1e-10, atol=1e-10)
+    assert len(names) == len(ia3_layers(ours)) > 0 and all(n.endswith(".ia3_l") for n in names)
 
 
 def test_identity_at_init_and_vectors_shaped_like_peft():
@@ -86,21 +77,10 @@ def test_default_targets_are_peft_defaults(factory, capsys):
 def test_merge_equals_the_adapted_model_and_unmerge_restores_the_base(kind):
     ours, _ = twins(kind)
     ours.double().eval()
-    before = {k: v.clone() for k, v in ours.base_model.state_dict().items() if not k.endswith(".ia3_l")}
     ids = random_ids(3)
-    with torch.no_grad():
-        adapted = ours(input_ids=ids).logits
-        ours.merge_adapter()
-        torch.testing.assert_close(ours(input_ids=ids).logits, adapted, rtol=1e-10, atol=1e-10)
-        ours.unmerge_adapter()
-        for key, value in ours.base_model.state_dict().items():
-            if key in before:
-                torch.testing.assert_close(value, before[key], rtol=1e-12, atol=1e-12)
-        with ours.disable_adapter():
-            plain = ours(input_ids=ids).logits
-        merged = copy.deepcopy(ours).merge_and_unload()
-        assert not ia3_layers(merged)
-        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-10, atol=1e-10)
+    adapted = assert_merge_round_trip(ours, ids, rtol=1e-10, atol=1e-10, weight_tol=1e-12)
+    with torch.no_grad(), ours.disable_adapter():
+        plain = ours(input_ids=ids).logits
     assert not torch.allclose(plain, adapted)
 
 

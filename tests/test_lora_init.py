@@ -19,6 +19,14 @@ def _layers(model) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.base_model.named_modules() if isinstance(m, LoraLinear)}
 
 
+def _assert_loads_in_both_onto(base, directory, ids, expected) -> None:
+    """The adapter directory, loaded by peft and by us onto copies of ``base``, gives ``expected`` logits."""
+    for loader in (peft.PeftModel.from_pretrained, PeftModel.from_pretrained):
+        model = loader(copy.deepcopy(base), str(directory))
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def _train(model, steps: int = 3) -> None:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     ids = random_ids(7)
@@ -79,11 +87,7 @@ def test_trained_adapter_converts_to_a_plain_lora_of_the_original_weights_that_p
     ours.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=str(tmp_path / "unused"))
     config = peft.PeftConfig.from_pretrained(str(tmp_path / "plain"))
     assert (config.r, config.lora_alpha, config.init_lora_weights) == (8, 16, True)
-    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "plain"))  # the ORIGINAL base
-    here = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "plain"))
-    with torch.no_grad():
-        torch.testing.assert_close(in_peft(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(here(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    _assert_loads_in_both_onto(base, tmp_path / "plain", ids, expected)  # the ORIGINAL base
 
 
 def test_an_unconverted_pissa_file_loads_both_ways_onto_the_original_base(tmp_path):
@@ -95,11 +99,7 @@ def test_an_unconverted_pissa_file_loads_both_ways_onto_the_original_base(tmp_pa
     with torch.no_grad():
         expected = ours(input_ids=ids).logits
     ours.save_pretrained(tmp_path)
-    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
-    here = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
-    with torch.no_grad():
-        torch.testing.assert_close(in_peft(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(here(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    _assert_loads_in_both_onto(base, tmp_path, ids, expected)
 
 
 def test_merge_and_unload_gives_the_trained_full_weights():

@@ -7,7 +7,7 @@ import copy
 import peft
 import pytest
 import torch
-from models import VOCAB, random_ids, tiny_gpt2, tiny_llama
+from models import VOCAB, assert_outputs_and_grads_match, random_ids, tiny_gpt2, tiny_llama
 from torch import nn
 
 from lightning_peft import LoraConfig, PeftModel, get_peft_model
@@ -53,18 +53,8 @@ def test_embedding_and_convolutions_match_peft_in_float64():
     ours, theirs = twins(ConvNet().double(), r=3, lora_alpha=6, target_modules=["emb", "c1", "c2"])
     assert [type(m) for m in (ours.base_model.emb, ours.base_model.c1, ours.base_model.c2)] == [LoraEmbedding, LoraConv, LoraConv]
     ids = random_ids(0, (3, 7)) % 50
-    y_ours, y_theirs = ours(ids), theirs(ids)
-    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(y_ours)
-    y_ours.backward(grad)
-    y_theirs.backward(grad)
-    their_params = dict(theirs.named_parameters())
-    checked = 0
-    for name, param in ours.base_model.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad, their_params[_their_key(name)].grad, rtol=1e-10, atol=1e-12)
-            checked += 1
-    assert checked == 6
+    names = assert_outputs_and_grads_match(ours, theirs, lambda m: m(ids), _their_key, rtol=1e-10, atol=1e-12)
+    assert len(names) == 6
 
 
 def test_init_starts_at_the_base_model_like_peft(capsys):
