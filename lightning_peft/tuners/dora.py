@@ -20,7 +20,6 @@ from typing import Union
 import torch
 from torch import nn
 
-from lightning_peft.ops import lora_linear
 from lightning_peft.tuners.lora import LoraLinear
 
 __all__ = ["DoraLinear"]
@@ -58,14 +57,9 @@ class DoraLinear(LoraLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_active():
             return self.base_forward(x)
-        weight, lora_a, lora_b = self.base_weight(), self.lora_A.weight, self.lora_B.weight
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
-        x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
-        y = lora_linear(x, weight, None, lora_a, lora_b, scaling=self.scaling, dropout_p=self.dropout_p,
-                        rng=self.lora_rng, training=self.training)  # [*, out]
-        scale = (self.lora_magnitude_vector / self.row_norms()).to(dtype)  # the norm is a constant to autograd
-        y = y * scale
-        return y if self.bias is None else y + self.bias.to(dtype)
+        y = self.lora_op(x, None)  # [*, out], the bias is added after the scale
+        y = y * (self.lora_magnitude_vector / self.row_norms()).to(y.dtype)  # the norm is a constant to autograd
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _merge_scale(self) -> torch.Tensor:
         return (self.lora_magnitude_vector.detach() / self.row_norms()).to(self._compute_dtype())

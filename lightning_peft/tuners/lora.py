@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -132,7 +132,11 @@ class LoraLinear(LoraBranch, LinearAdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_active():
             return self.base_forward(x)
-        weight, bias, lora_a, lora_b = self.base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight
+        return self.lora_op(x, self.bias)
+
+    def lora_op(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x Wᵀ + bias + scaling · dropout(x) Aᵀ Bᵀ`` through the LoRA op, ``[*, out]``."""
+        weight, lora_a, lora_b = self.base_weight(), self.lora_A.weight, self.lora_B.weight
         # Custom ops are invisible to autocast: cast like autocast would cast a linear.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
         x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
