@@ -1,6 +1,7 @@
 """lightning_peft: parameter-efficient fine-tuning for PyTorch Lightning, speaking HF peft's API."""
 
 from lightning_peft.optim import create_loraplus_optimizer
+from lightning_peft.quantization import prepare_model_for_kbit_training
 from lightning_peft.peft_model import PeftModel, count_parameters, format_trainable_parameters, get_peft_model
 from lightning_peft.serialization import load_adapter, read_adapter_config, save_adapter
 from lightning_peft.tuners import AdapterConfig, BitFitConfig, IA3Config, LoraConfig, LoraLinear, PeftConfig
@@ -17,6 +18,8 @@ __all__ = [
     # adapters on any nn.Module, without the wrapper
     "inject_adapter", "remove_adapter", "get_tuner", "LoraLinear",
     "adapter_state_dict", "load_adapter_state_dict", "advance_dropout_rng",
+    # quantized (bitsandbytes) base models: QLoRA; bitsandbytes is imported only when used
+    "prepare_model_for_kbit_training",
     # LoRA+ (peft.optimizers)
     "create_loraplus_optimizer",
     # peft's adapter directory format
