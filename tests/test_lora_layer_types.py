@@ -164,13 +164,13 @@ def test_all_linear_still_means_linear_layers_only():
     assert type(model.base_model.model.embed_tokens) is nn.Embedding
 
 
-def test_quantized_bases_are_refused_clearly_for_now():
-    class PackedLinear(nn.Linear):  # what bitsandbytes' Linear4bit looks like to us: an nn.Linear with integer weight
+def test_quantized_layers_of_unknown_kind_are_refused_naming_their_type():
+    class PackedLinear(nn.Linear):  # an nn.Linear with a packed-integer weight that is not bitsandbytes'
         def __init__(self) -> None:
             super().__init__(4, 4)
             self.weight = nn.Parameter(torch.zeros(8, 1, dtype=torch.uint8), requires_grad=False)
 
     net = nn.Sequential(nn.Linear(4, 4), PackedLinear())
-    with pytest.raises(TypeError, match=r"1 \(PackedLinear\) holds a quantized weight.*QLoRA is not supported"):
+    with pytest.raises(TypeError, match=r"1 \(.*PackedLinear\) holds a quantized torch.uint8 weight of a kind .* cannot adapt"):
         get_peft_model(net, LoraConfig(r=2, target_modules=["0", "1"]))
     assert type(net[0]) is nn.Linear and type(net[1]) is PackedLinear

@@ -26,6 +26,7 @@ from lightning_peft.tuners.ia3 import IA3Config, IA3Linear, IA3Tuner
 from lightning_peft.tuners.lora import LoraConfig, LoraLinear, LoraTuner
 from lightning_peft.tuners.dora import DoraLinear
 from lightning_peft.tuners.lora_conv import LoraConv
+from lightning_peft.tuners.lora_quantized import QuantizedDoraLinear, QuantizedLoraLinear
 from lightning_peft.tuners.lora_embedding import LoraEmbedding
 from lightning_peft.tuners.prefix import PrefixEncoder, PrefixTuner, PrefixTuningConfig
 from lightning_peft.tuners.prompt import PromptEmbedding, PromptTuner, PromptTuningConfig
@@ -57,6 +58,8 @@ __all__ = [
     "LoraEmbedding",
     "LoraConv",
     "DoraLinear",
+    "QuantizedLoraLinear",
+    "QuantizedDoraLinear",
     "LoraTuner",
     "AdapterConfig",
     "BottleneckAdapterLayer",

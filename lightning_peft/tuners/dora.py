@@ -52,7 +52,7 @@ class DoraLinear(LoraLinear):
         cross = (b * (w @ a.t())).sum(1)  # B_o · (A W_oᵀ), [out]
         quad = ((b @ (a @ a.t())) * b).sum(1)  # B_o (A Aᵀ) B_oᵀ, [out]
         s = self.scaling
-        return (self._weight_sq[1] + 2 * s * cross + s * s * quad).clamp_min(0).sqrt().to(self.weight.dtype)
+        return (self._weight_sq[1] + 2 * s * cross + s * s * quad).clamp_min(0).sqrt().to(self.branch_dtype())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_active():

@@ -140,7 +140,8 @@ class LinearAdapterLayer(BaseLayerAdapter):
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
         self.fan_in_fan_out = is_fan_in_fan_out(base)
-        self.out_features, self.in_features = self.weight.shape[::-1] if self.fan_in_fan_out else self.weight.shape
+        # nn.Linear's own sizes: a quantized (bitsandbytes) weight's shape is that of its packed storage
+        self.out_features, self.in_features = self.weight.shape[::-1] if self.fan_in_fan_out else (base.out_features, base.in_features)
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as ``[out, in]`` (a transposed view for Conv1D)."""
@@ -201,6 +202,8 @@ class LayerReplacementTuner(ModuleReplacementTuner):
     config: LayerTargetsConfig
     #: The base layer types the method can take the place of.
     layer_types: ClassVar[tuple[type, ...]] = LINEAR_TYPES
+    #: The bitsandbytes layer kinds (``"4bit"``, ``"8bit"``) the method can adapt; others are refused.
+    quantized_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: LayerTargetsConfig) -> None:
         super().__init__(config)
@@ -225,14 +228,33 @@ class LayerReplacementTuner(ModuleReplacementTuner):
         if not names:
             raise ValueError(no_target_message(model, cfg, self.layer_types, what))
         check_target_types(model, names, self.layer_types, method=self.config.method_name, hint="Name the layers inside them instead")
-        quantized = [n for n in names if not model.get_submodule(n).weight.is_floating_point()]
-        if quantized:  # e.g. bitsandbytes Linear4bit / Linear8bitLt: nn.Linear subclasses holding packed integers
-            kinds = sorted({type(model.get_submodule(n)).__name__ for n in quantized})
-            raise TypeError(
-                f"{quantized[0]} ({', '.join(kinds)}) holds a quantized weight, which {self.config.method_name} cannot adapt "
-                "yet (QLoRA is not supported in this version): load the base model unquantized, or leave these layers out"
-            )
+        self.check_quantized_targets(model, names)
         return names
+
+    def check_quantized_targets(self, model: nn.Module, names: list[str]) -> None:
+        """Raise TypeError naming the first target with a quantized weight the method cannot adapt.
+
+        ``quantized_kinds`` says which bitsandbytes layers the method adapts (LoRA: both kinds); any
+        other packed-integer weight (another library's layer) is refused with its type named.
+        """
+        from lightning_peft.quantization import bnb_kind, is_quantized_linear
+
+        for name in names:
+            module = model.get_submodule(name)
+            if not is_quantized_linear(module):
+                continue
+            kind = bnb_kind(module)
+            if kind is None:
+                raise TypeError(
+                    f"{name} ({type(module).__module__}.{type(module).__name__}) holds a quantized {module.weight.dtype} weight "
+                    "of a kind lightning_peft cannot adapt (it adapts bitsandbytes Linear4bit / Linear8bitLt layers): "
+                    "quantize the model with bitsandbytes, load it unquantized, or leave this layer out of target_modules"
+                )
+            if kind not in self.quantized_kinds:
+                raise TypeError(
+                    f"{name} is a bitsandbytes {type(module).__name__} ({kind}), which {self.config.method_name} cannot "
+                    "adapt: use LoRA (LoraConfig) on quantized layers, load the model unquantized, or leave this layer out"
+                )
 
     def build_replacements(self, model: nn.Module) -> dict[str, AdapterLayer]:
         replacements = {}

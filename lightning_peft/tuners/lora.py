@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_peft.ops import lora_linear
+from lightning_peft.quantization import is_quantized_linear
 from lightning_peft.tuners.config import LayerTargetsConfig, register_config
 from lightning_peft.tuners.injection import register_tuner
 from lightning_peft.tuners.layers import LINEAR_TYPES, BaseLayerAdapter, LayerReplacementTuner, LinearAdapterLayer
@@ -111,7 +112,7 @@ class LoraLinear(LoraBranch, LinearAdapterLayer):
 
     def __init__(self, base: nn.Module, *, r: int, scaling: float, dropout_p: float, init: Union[bool, str], seed: int) -> None:
         super().__init__(base)
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factory = {"device": self.weight.device, "dtype": self.branch_dtype()}
         principal = is_principal_init(init)
         self.add_branch(nn.Linear(self.in_features, r, bias=False, **factory), nn.Linear(r, self.out_features, bias=False, **factory),
                         r=r, scaling=scaling, dropout_p=dropout_p, init=False if principal else init, seed=seed)
@@ -146,6 +147,25 @@ class LoraLinear(LoraBranch, LinearAdapterLayer):
             scaling=self.scaling, dropout_p=self.dropout_p, rng=self.lora_rng, training=self.training,
         )
 
+    def branch_dtype(self) -> torch.dtype:
+        """The dtype new LoRA factors get: the base weight's (a quantized base overrides it)."""
+        return self.weight.dtype
+
+    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The LoRA term alone, ``scaling · dropout(x) Aᵀ Bᵀ`` ``[*, out]``, through the LoRA op without a base weight.
+
+        In the factors' dtype (autocast's under autocast); for layers whose base output comes from elsewhere.
+        """
+        lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else lora_a.dtype
+        x, lora_a, lora_b = (t.to(dtype) for t in (x, lora_a, lora_b))
+        # TEMPORARY until the op takes weight=None: a zero base weight gives the same branch and masks.
+        zero_weight = x.new_zeros((lora_b.shape[0], x.shape[-1]))
+        return lora_linear(
+            x, zero_weight, None, lora_a, lora_b,
+            scaling=self.scaling, dropout_p=self.dropout_p, rng=self.lora_rng, training=self.training,
+        )
+
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``scaling · B A`` laid out like ``weight`` (fp32 math for half-precision weights on CPU)."""
@@ -164,6 +184,7 @@ class LoraTuner(LayerReplacementTuner):
 
     config: LoraConfig
     layer_types = LINEAR_TYPES + (nn.Embedding, nn.Conv1d, nn.Conv2d)
+    quantized_kinds = ("4bit", "8bit")  # bitsandbytes Linear4bit / Linear8bitLt (QLoRA)
 
     def target_names(self, model: nn.Module) -> list[str]:
         names = super().target_names(model)
@@ -193,6 +214,10 @@ class LoraTuner(LayerReplacementTuner):
         from lightning_peft.tuners.dora import DoraLinear  # dora.py builds on LoraLinear, defined above
 
         kind = LoraConv if isinstance(base, (nn.Conv1d, nn.Conv2d)) else DoraLinear if cfg.use_dora else LoraLinear
+        if is_quantized_linear(base):  # a bitsandbytes layer (target_names refused any other quantized kind)
+            from lightning_peft.tuners.lora_quantized import QuantizedDoraLinear, QuantizedLoraLinear
+
+            kind = QuantizedDoraLinear if cfg.use_dora else QuantizedLoraLinear
         return kind(base, r=cfg.r, scaling=cfg.scaling, dropout_p=cfg.lora_dropout, init=cfg.init_lora_weights, seed=seed)
 
     def extra_trainable_parameter_names(self, model: nn.Module) -> list[str]:
