@@ -177,6 +177,9 @@ void check_same(const Tensor& t, const char* name, const Tensor& x) {
               " is ", t.scalar_type(), " (use autocast or cast the module)");
 }
 
+/// The base weight, or an undefined tensor when the op computes the LoRA branch alone (weight=None).
+Tensor base_weight(const std::optional<Tensor>& weight) { return weight.has_value() ? *weight : Tensor(); }
+
 void check_common(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_a,
                   const Tensor& lora_b) {
 #ifndef LIGHTNING_PEFT_EMULATE
@@ -184,23 +187,26 @@ void check_common(const Tensor& x, const Tensor& weight, const std::optional<Ten
 #endif
   TORCH_CHECK(x.dim() >= 1, "lightning_peft_cuda: x must have at least one dimension");
   const int64_t K = x.size(-1);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "lightning_peft_cuda: weight must be [D, K]");
   TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == K, "lightning_peft_cuda: lora_a must be [r, K]");
-  TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(0) == weight.size(0) && lora_b.size(1) == lora_a.size(0),
-              "lightning_peft_cuda: lora_b must be [D, r]");
-  check_same(weight, "weight", x);
+  TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(1) == lora_a.size(0), "lightning_peft_cuda: lora_b must be [D, r]");
+  const int64_t D = lora_b.size(0);  // the weight's rows when there is one (checked next)
+  if (weight.defined()) {
+    TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "lightning_peft_cuda: weight must be [D, K]");
+    TORCH_CHECK(weight.size(0) == D, "lightning_peft_cuda: lora_b must be [D, r] with D = weight's rows");
+    check_same(weight, "weight", x);
+  }
   check_same(lora_a, "lora_a", x);
   check_same(lora_b, "lora_b", x);
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "lightning_peft_cuda: bias must be [D] = [",
-                weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == D, "lightning_peft_cuda: bias must be [D] = [", D, "], got ", bias->sizes());
     check_same(*bias, "bias", x);
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const std::optional<Tensor>& weight_opt, const std::optional<Tensor>& bias,
                                                  const Tensor& lora_a, const Tensor& lora_b, const Tensor& rng,
                                                  double scaling, double dropout_p, bool training) {
+  const Tensor weight = base_weight(weight_opt);  // undefined: the LoRA branch alone, no base GEMM
   check_common(x, weight, bias, lora_a, lora_b);
   TORCH_CHECK(rng.scalar_type() == at::kLong && rng.numel() == 2, "lightning_peft_cuda: rng must be int64 [2]");
   TORCH_CHECK(rng.device() == x.device(), "lightning_peft_cuda: rng is on ", rng.device(), " but x is on ", x.device(),
@@ -209,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& w
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "lightning_peft_cuda: dropout_p must be in [0, 1)");
   LIGHTNING_PEFT_DEVICE_GUARD(x);
   Allocator alloc(debug().poison.load());
-  const int64_t K = x.size(-1), D = weight.size(0), r = lora_a.size(0);
+  const int64_t K = x.size(-1), D = lora_b.size(0), r = lora_a.size(0);
   const Tensor x2 = rows_of(x, K);  // [N, K]
   const int64_t N = x2.size(0);
   const Tensor a = lora_a.contiguous();
@@ -230,18 +236,19 @@ std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& w
   } else {
     at::addmm_out(y, y, hidden, lora_b.t(), 0.0, scaling);  // beta = 0: y's old contents are ignored
   }
-  y.addmm_(x2, weight.t());  // beta = 1: the base GEMM accumulates onto the LoRA term
+  if (weight.defined()) y.addmm_(x2, weight.t());  // beta = 1: the base GEMM accumulates onto the LoRA term
   alloc.check();
   return {y.view(with_last(x.sizes(), D)), hidden, mask};
 }
 
-std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& weight_opt,
                                                  const Tensor& lora_a, const Tensor& lora_b, const Tensor& lora_hidden,
                                                  const Tensor& mask, double scaling, double dropout_p, bool compute_grad_x) {
+  const Tensor weight = base_weight(weight_opt);  // undefined: grad_x is the LoRA branch's alone
   check_common(x, weight, std::nullopt, lora_a, lora_b);
   LIGHTNING_PEFT_DEVICE_GUARD(x);
   Allocator alloc(debug().poison.load());
-  const int64_t K = x.size(-1), D = weight.size(0), r = lora_a.size(0);
+  const int64_t K = x.size(-1), D = lora_b.size(0), r = lora_a.size(0);
   const Tensor x2 = rows_of(x, K);                 // [N, K]
   const Tensor g2 = rows_of(grad_y, D);            // [N, D]
   const int64_t N = x2.size(0);
@@ -268,12 +275,12 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Ten
                 "lightning_peft_cuda: mask must be uint8 [N, ceil(K/8)] when dropout_p > 0");
     TORCH_CHECK(mask.device() == x.device(), "lightning_peft_cuda: mask is on ", mask.device(), " but x is on ", x.device());
     dropout_grad(x2, mask.contiguous(), d_hidden, a, gx, grad_a, alloc);
-    if (compute_grad_x) gx.addmm_(g2, weight);  // beta = 1 onto the masked LoRA term
+    if (compute_grad_x && weight.defined()) gx.addmm_(g2, weight);  // beta = 1 onto the masked LoRA term
   } else {
     at::mm_out(grad_a, d_hidden.t(), x2);
     if (compute_grad_x) {
       at::mm_out(gx, d_hidden, a);
-      gx.addmm_(g2, weight);
+      if (weight.defined()) gx.addmm_(g2, weight);
     }
   }
   alloc.check();
@@ -323,10 +330,10 @@ std::vector<int64_t> set_debug_options(int64_t poison, int64_t splits, int64_t s
 
 LIGHTNING_PEFT_LIBRARY(LIGHTNING_PEFT_NAMESPACE, m) {
   m.def(
-      "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor rng, float scaling, "
+      "lora_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor rng, float scaling, "
       "float dropout_p, bool training) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor lora_hidden, "
+      "lora_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, Tensor lora_hidden, "
       "Tensor mask, float scaling, float dropout_p, bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
   m.def("set_debug_options(int poison, int splits, int sm_count, int[] schedule=[]) -> int[]",
         &lightning_peft_cuda::set_debug_options);

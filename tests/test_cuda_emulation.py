@@ -109,7 +109,7 @@ def check_op_pair(op, x, w, b, a, bb, seed, p, need_x=True, context=""):
         assert mask.numel() == 0, context
         keep = None
     ref_in = [t.double().requires_grad_(True) for t in (x, a, bb)]
-    y_ref = lora_eager(ref_in[0], w.double(), None if b is None else b.double(), ref_in[1], ref_in[2], 1.5, keep, p)
+    y_ref = lora_eager(ref_in[0], None if w is None else w.double(), None if b is None else b.double(), ref_in[1], ref_in[2], 1.5, keep, p)
     eager_in = [t.clone().requires_grad_(True) for t in (x, a, bb)]
     y_eager = lora_eager(eager_in[0], w, b, eager_in[1], eager_in[2], 1.5, keep, p)
     assert_flash_rule("y", y, y_eager, y_ref, dtype, context)
@@ -149,6 +149,16 @@ def test_emulated_no_dropout_path_and_no_grad_x(emu, dtype):
     case = make_case(70, 37, 24, 5, dtype, seed)
     check_op_pair(emu, *case, seed, 0.0, context=f"(seed={seed}, p=0)")
     check_op_pair(emu, *case, seed, 0.3, need_x=False, context=f"(seed={seed}, no grad_x)")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_without_base_weight(emu, dtype, p):
+    """weight=None: the host code skips both base GEMMs; y and grad_x are the LoRA branch's alone."""
+    seed = fresh_seed()
+    x, _, b, a, bb = make_case(70, 37, 24, 5, dtype, seed)
+    check_op_pair(emu, x, None, b, a, bb, seed, p, context=f"(seed={seed}, weight=None, p={p})")
+    check_op_pair(emu, x, None, None, a, bb, seed, p, need_x=False, context=f"(seed={seed}, weight=None, no bias)")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -104,7 +104,7 @@ def check_against_fp64(x, weight, bias, a, bb, rng, scaling, drop_p, training, c
     grads = torch.autograd.grad(y, leaves, grad_y)
 
     ref_in = [t.detach().double().requires_grad_(True) for t in (x, a, bb)]
-    y_ref = lora_eager(ref_in[0], weight.double(), None if bias is None else bias.double(), ref_in[1], ref_in[2], scaling, keep, drop_p)
+    y_ref = lora_eager(ref_in[0], None if weight is None else weight.double(), None if bias is None else bias.double(), ref_in[1], ref_in[2], scaling, keep, drop_p)
     grads_ref = torch.autograd.grad(y_ref, ref_in, grad_y.double())
     eager_in = [t.detach().clone().requires_grad_(True) for t in (x, a, bb)]
     y_eager = lora_eager(eager_in[0], weight, bias, eager_in[1], eager_in[2], scaling, keep, drop_p)
@@ -126,6 +126,17 @@ def test_forward_backward_match_fp64(dtype, shape, drop_p, training):
     lead, k, d, r = shape
     case = make_case(lead, k, d, r, dtype, seed, bias=seed % 2 == 0)
     check_against_fp64(*case, 1.7, drop_p, training, f"(seed={seed}, dtype={dtype}, shape={shape}, p={drop_p}, training={training})")
+
+
+@pytest.mark.parametrize("drop_p,training", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_without_base_weight_match_fp64(dtype, drop_p, training):
+    """weight=None (the LoRA branch alone, for quantized base layers): no base GEMM on either side."""
+    seed = fresh_seed()
+    x, _, b, a, bb, rng = make_case((2, 33), 136, 72, 17, dtype, seed, bias=seed % 2 == 0)
+    with debug_options(poison=True, splits=1):
+        check_against_fp64(x, None, b, a, bb, rng, 1.7, drop_p, training, f"(seed={seed}, dtype={dtype}, weight=None, p={drop_p})")
+    torch.library.opcheck(OP_FWD, (x.requires_grad_(True), None, b, a.requires_grad_(True), bb.requires_grad_(True), rng, 0.5, drop_p, training))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -96,19 +96,23 @@ def philox_mask_reference(seed: int, offset: int, rows: int, cols: int, p: float
     return torch.from_numpy(mask)
 
 
-def lora_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, scaling: float,
+def lora_eager(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], a: Tensor, b: Tensor, scaling: float,
                keep: Optional[Tensor], drop_p: float) -> Tensor:
     """Plain PyTorch LoRA in the inputs' own dtype (what the kernels must not be much worse than).
 
-    ``keep``: bool ``[N, K]`` (None: no dropout). Dropout is applied as ``x * (1 / keep_prob)`` on kept
+    ``keep``: bool ``[N, K]`` (None: no dropout). ``weight`` None: no base term. Dropout is applied as ``x * (1 / keep_prob)`` on kept
     elements, one rounding, like ``F.dropout``.
     """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if keep is not None:
         x2 = torch.where(keep, x2 * (1.0 / (1.0 - quantized_drop_probability(drop_p))), torch.zeros((), dtype=x.dtype, device=x.device))
-    y = torch.nn.functional.linear(x.reshape(-1, k), weight, bias) + (x2 @ a.t()) @ b.t() * scaling
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    lora = (x2 @ a.t()) @ b.t() * scaling
+    if weight is None:  # the LoRA branch alone (the op's weight=None)
+        y = lora if bias is None else lora + bias
+    else:
+        y = torch.nn.functional.linear(x.reshape(-1, k), weight, bias) + lora
+    return y.reshape(*x.shape[:-1], b.shape[0])
 
 
 def hidden_eager(x: Tensor, a: Tensor, keep: Optional[Tensor], drop_p: float) -> Tensor:

@@ -49,9 +49,11 @@ def make_inputs(lead=(3, 5), k=19, d=13, r=4, dtype=torch.float64, bias=True, we
 
 
 def reference(x, weight, bias, a, b, scaling, keep, drop_p):
-    """y = x Wᵀ + b + scaling · ((x ∘ keep) / (1 - p)) Aᵀ Bᵀ, all in float64."""
+    """y = x Wᵀ + b + scaling · ((x ∘ keep) / (1 - p)) Aᵀ Bᵀ, all in float64 (no x Wᵀ when weight is None)."""
     xd = x * keep.reshape(x.shape).to(x.dtype) / (1.0 - drop_p)
-    y = x @ weight.t() + scaling * (xd @ a.t()) @ b.t()
+    y = scaling * (xd @ a.t()) @ b.t()
+    if weight is not None:  # weight None: the LoRA branch alone
+        y = y + x @ weight.t()
     return y + bias if bias is not None else y
 
 
@@ -113,11 +115,53 @@ def test_opcheck_backward(drop_p, compute_grad_x, mask_form):
     torch.library.opcheck(OP_BWD, (torch.randn_like(y), x, w, a, bb, hidden, mask, 0.5, drop_p, compute_grad_x))
 
 
+@pytest.mark.parametrize("drop_p,training", [(0.0, True), (0.25, True), (0.25, False)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_without_base_weight_matches_float64_reference(drop_p, training, bias, mask_form):
+    """weight=None: y = b + scaling · dropout(x) Aᵀ Bᵀ, gradients of x / A / B of that alone; D from lora_b."""
+    x, _, b, a, bb = make_inputs(bias=bias, d=11)
+    leaves = [t.requires_grad_(True) for t in (x, a, bb)]
+    rng = torch.tensor([4, 1])
+    y, _, mask = OP_FWD(x, None, b, a, bb, rng, 0.7, drop_p, training)
+    assert y.shape == (3, 5, 11)
+    if training and drop_p > 0:
+        keep, p_eff = dropout_keep_mask(mask, 15, x.shape[-1], drop_p), quantized_drop_probability(drop_p)
+    else:
+        keep, p_eff = torch.ones(15, x.shape[-1], dtype=torch.bool), 0.0
+    ref = reference(x, None, b, a, bb, 0.7, keep, p_eff)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn_like(ref)
+    ours = torch.autograd.grad(lora_linear(x, None, b, a, bb, scaling=0.7, dropout_p=drop_p, rng=rng, training=training), leaves, grad_y)
+    theirs = torch.autograd.grad(ref, leaves, grad_y)
+    for g_ours, g_ref in zip(ours, theirs):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_without_base_weight_gradcheck_and_opcheck(mask_form):
+    x, _, b, a, bb = make_inputs(lead=(2, 3), k=10, d=7, r=3)
+    rng = torch.tensor([5, 9])
+    inputs = tuple(t.requires_grad_(True) for t in (x, b, a, bb))
+    assert torch.autograd.gradcheck(
+        lambda x, b, a, bb: lora_linear(x, None, b, a, bb, scaling=1.3, dropout_p=0.3, rng=rng, training=True), inputs
+    )
+    x, _, b, a, bb = make_inputs(dtype=torch.float32)
+    for t in (x, a, bb):
+        t.requires_grad_(True)
+    for drop_p in (0.0, 0.3):
+        torch.library.opcheck(OP_FWD, (x, None, b, a, bb, torch.tensor([1, 2]), 0.5, drop_p, True))
+        with torch.no_grad():
+            y, hidden, mask = OP_FWD(x, None, b, a, bb, torch.tensor([1, 2]), 0.5, drop_p, True)
+        for need_x in (True, False):
+            torch.library.opcheck(OP_BWD, (torch.randn_like(y), x.detach(), None, a.detach(), bb.detach(), hidden, mask, 0.5, drop_p, need_x))
+
+
 def test_rejects_bad_shapes_and_probability():
     x, w, b, a, bb = make_inputs(dtype=torch.float32)
     rng = torch.tensor([0, 0])
     with pytest.raises(RuntimeError, match="lora_a must be"):
         lora_linear(x, w, b, a[:, :-1], bb, scaling=1.0, dropout_p=0.0, rng=rng, training=True)
+    with pytest.raises(RuntimeError, match=r"lora_b must be \[D, r\] = \[13, 3\]"):  # weight None: D is lora_b's, r must match
+        lora_linear(x, None, b, a[:3], bb, scaling=1.0, dropout_p=0.0, rng=rng, training=True)
     with pytest.raises(RuntimeError, match="dropout_p must be in"):
         lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=1.0, rng=rng, training=True)
 

@@ -296,7 +296,7 @@ def _disable_after(exc: RuntimeError) -> bool:
 @lora_linear_forward.register_kernel("cuda")
 def _forward_cuda(
     x: Tensor,
-    weight: Tensor,
+    weight: Optional[Tensor],
     bias: Optional[Tensor],
     lora_a: Tensor,
     lora_b: Tensor,
@@ -318,7 +318,7 @@ def _forward_cuda(
 def _backward_cuda(
     grad_y: Tensor,
     x: Tensor,
-    weight: Tensor,
+    weight: Optional[Tensor],
     lora_a: Tensor,
     lora_b: Tensor,
     lora_hidden: Tensor,

@@ -14,7 +14,9 @@ backend only implements plain tensor-in/tensor-out kernels:
     -> ``(grad_x, grad_a, grad_b)``
 
 Shapes (N = product of x's leading dims, K = in features, D = out features, r = rank):
-    x ``[*, K]``, weight ``[D, K]`` (any strides, e.g. a transposed GPT-2 Conv1D weight),
+    x ``[*, K]``, weight ``[D, K]`` (any strides, e.g. a transposed GPT-2 Conv1D weight) or None:
+      no base term, ``y = b + scaling · dropout(x) Aᵀ Bᵀ`` (the branch alone, for a quantized base
+      layer whose output the caller computes and adds; D is then lora_b's),
     bias ``[D]`` or None, lora_a ``[r, K]``, lora_b ``[D, r]``, rng ``int64 [2]`` = (seed, offset),
     y ``[*, D]``, lora_hidden ``[N, r]`` = dropout(x) Aᵀ (already divided by the keep probability),
     mask: what backward needs to rebuild the dropout mask (``[0]`` when dropout is off), either
@@ -67,13 +69,21 @@ def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - quantized_drop_probability(dropout_p))
 
 
-def _check_inputs(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, rng: Tensor, dropout_p: float) -> None:
+def _out_features(weight: Optional[Tensor], lora_b: Tensor) -> int:
+    """D: the base weight's rows, or lora_b's when there is no base weight."""
+    return weight.shape[0] if weight is not None else lora_b.shape[0]
+
+
+def _check_inputs(x: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, rng: Tensor, dropout_p: float) -> None:
     k = x.shape[-1]
-    torch._check(weight.dim() == 2 and weight.shape[1] == k, lambda: f"lora_linear: weight must be [D, K={k}], got {tuple(weight.shape)}")
+    if weight is not None:
+        torch._check(weight.dim() == 2 and weight.shape[1] == k, lambda: f"lora_linear: weight must be [D, K={k}], got {tuple(weight.shape)}")
     torch._check(lora_a.dim() == 2 and lora_a.shape[1] == k, lambda: f"lora_linear: lora_a must be [r, K={k}], got {tuple(lora_a.shape)}")
+    torch._check(lora_b.dim() == 2, lambda: f"lora_linear: lora_b must be [D, r], got {tuple(lora_b.shape)}")
+    d = _out_features(weight, lora_b)
     torch._check(
-        lora_b.dim() == 2 and lora_b.shape[0] == weight.shape[0] and lora_b.shape[1] == lora_a.shape[0],
-        lambda: f"lora_linear: lora_b must be [D, r] = [{weight.shape[0]}, {lora_a.shape[0]}], got {tuple(lora_b.shape)}",
+        lora_b.shape[0] == d and lora_b.shape[1] == lora_a.shape[0],
+        lambda: f"lora_linear: lora_b must be [D, r] = [{d}, {lora_a.shape[0]}], got {tuple(lora_b.shape)}",
     )
     torch._check(rng.dtype == torch.int64 and rng.numel() == 2, lambda: "lora_linear: rng must be an int64 tensor of 2 elements (seed, offset)")
     torch._check(0.0 <= dropout_p < 1.0, lambda: f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
@@ -138,11 +148,12 @@ def dropout_keep_mask(mask: Tensor, rows: int, cols: int, dropout_p: float) -> T
 
 
 def forward_pytorch(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, rng: Tensor, scaling: float, dropout_p: float, training: bool
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, rng: Tensor, scaling: float,
+    dropout_p: float, training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pure-PyTorch forward: the fallback for every device. Shapes: module docstring."""
     _check_inputs(x, weight, lora_a, lora_b, rng, dropout_p)
-    k, d = x.shape[-1], weight.shape[0]
+    k, d = x.shape[-1], _out_features(weight, lora_b)
     x2 = x.reshape(-1, k)  # [N, K]
     if _dropout_active(dropout_p, training):
         hidden, mask = _dropout_hidden(x2, lora_a, dropout_p, rng)
@@ -153,13 +164,15 @@ def forward_pytorch(
     # GEMM): one write of y instead of a write plus a read-modify-write pass for the LoRA term.
     scaled_hidden = hidden * scaling  # [N, r]
     y = torch.mm(scaled_hidden, lora_b.t()) if bias is None else torch.addmm(bias, scaled_hidden, lora_b.t())  # [N, D]
-    y.addmm_(x2, weight.t())
+    if weight is not None:
+        y.addmm_(x2, weight.t())
     return y.view(*x.shape[:-1], d), hidden, mask
 
 
 @torch.library.custom_op("lightning_peft::lora_linear_forward", mutates_args=())
 def lora_linear_forward(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, rng: Tensor, scaling: float, dropout_p: float, training: bool
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, rng: Tensor, scaling: float,
+    dropout_p: float, training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Default implementation for all devices; a device kernel registered later takes precedence."""
     return forward_pytorch(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)
@@ -168,7 +181,7 @@ def lora_linear_forward(
 @lora_linear_forward.register_fake
 def _lora_linear_forward_fake(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training):
     _check_inputs(x, weight, lora_a, lora_b, rng, dropout_p)
-    k, d, r = x.shape[-1], weight.shape[0], lora_a.shape[0]
+    k, d, r = x.shape[-1], _out_features(weight, lora_b), lora_a.shape[0]
     n = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], d))
     hidden = x.new_empty((n, r))
@@ -182,11 +195,11 @@ def _lora_linear_forward_fake(x, weight, bias, lora_a, lora_b, rng, scaling, dro
 
 
 def backward_pytorch(
-    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_hidden: Tensor, mask: Tensor,
+    grad_y: Tensor, x: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, lora_hidden: Tensor, mask: Tensor,
     scaling: float, dropout_p: float, compute_grad_x: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pure-PyTorch backward. ``dropout_p`` is 0 when the forward ran without dropout. Shapes: module docstring."""
-    n, k, d = lora_hidden.shape[0], x.shape[-1], weight.shape[0]
+    n, k, d = lora_hidden.shape[0], x.shape[-1], lora_b.shape[0]
     x2 = x.reshape(-1, k)  # [N, K]
     g2 = grad_y.reshape(-1, d)  # [N, D]
     # (hiddenᵀ g)ᵀ: the [r, N] x [N, D] orientation is ~3x faster on CPU BLAS than gᵀ hidden.
@@ -203,12 +216,14 @@ def backward_pytorch(
         grad_x = torch.mm(d_hidden, lora_a)
     else:
         grad_x = _zero_dropped_(torch.mm(d_hidden, lora_a, out=x_kept), dropped)
-    return grad_x.addmm_(g2, weight).view(x.shape), grad_a, grad_b
+    if weight is not None:
+        grad_x.addmm_(g2, weight)
+    return grad_x.view(x.shape), grad_a, grad_b
 
 
 @torch.library.custom_op("lightning_peft::lora_linear_backward", mutates_args=())
 def lora_linear_backward(
-    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_hidden: Tensor, mask: Tensor,
+    grad_y: Tensor, x: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, lora_hidden: Tensor, mask: Tensor,
     scaling: float, dropout_p: float, compute_grad_x: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Default implementation for all devices; a device kernel registered later takes precedence."""
@@ -239,8 +254,9 @@ def _backward(ctx, grad_y, _grad_hidden, _grad_mask):
     )
     # The base weight and bias are frozen in every PEFT setup; if a user unfreezes them
     # (bias="all" / "lora_only", or a full fine-tune), plain matmuls give their gradients.
-    grad_w = torch.mm(grad_y.reshape(-1, weight.shape[0]).t(), x.reshape(-1, x.shape[-1])) if needs_w else None
-    grad_bias = grad_y.reshape(-1, weight.shape[0]).sum(0) if needs_bias else None
+    d = lora_b.shape[0]
+    grad_w = torch.mm(grad_y.reshape(-1, d).t(), x.reshape(-1, x.shape[-1])) if needs_w else None
+    grad_bias = grad_y.reshape(-1, d).sum(0) if needs_bias else None
     grad_x, grad_a, grad_b = (g if needed else None for g, needed in ((grad_x, needs_x), (grad_a, needs_a), (grad_b, needs_b)))
     return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 
@@ -249,13 +265,14 @@ lora_linear_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lora_linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, *, scaling: float, dropout_p: float, rng: Tensor, training: bool
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, *, scaling: float, dropout_p: float, rng: Tensor, training: bool
 ) -> Tensor:
     """``x Wᵀ + b + scaling · dropout_p(x) Aᵀ Bᵀ``; differentiable in x, A, B (and W, b if they require grad).
 
     Args:
         x: ``[*, K]`` input.
-        weight: ``[D, K]`` frozen base weight (any strides).
+        weight: ``[D, K]`` frozen base weight (any strides), or None for the LoRA branch alone
+            (``b + scaling · dropout_p(x) Aᵀ Bᵀ``: a quantized base layer's caller adds its output).
         bias: ``[D]`` or None.
         lora_a: ``[r, K]``; lora_b: ``[D, r]``.
         scaling: multiplier of the LoRA term (``alpha / r`` or ``alpha / sqrt(r)``).
