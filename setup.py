@@ -110,7 +110,10 @@ setup(
         "ninja",
         "jsonargparse[signatures]>=4.27",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.13"]},
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "peft>=0.13"],
+        "qlora": ["bitsandbytes>=0.45"],  # LoRA / DoRA on 4-bit and 8-bit quantized base models
+    },
     entry_points={"console_scripts": ["lightning-peft=lightning_peft.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
