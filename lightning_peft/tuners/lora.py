@@ -159,10 +159,8 @@ class LoraLinear(LoraBranch, LinearAdapterLayer):
         lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else lora_a.dtype
         x, lora_a, lora_b = (t.to(dtype) for t in (x, lora_a, lora_b))
-        # TEMPORARY until the op takes weight=None: a zero base weight gives the same branch and masks.
-        zero_weight = x.new_zeros((lora_b.shape[0], x.shape[-1]))
         return lora_linear(
-            x, zero_weight, None, lora_a, lora_b,
+            x, None, None, lora_a, lora_b,
             scaling=self.scaling, dropout_p=self.dropout_p, rng=self.lora_rng, training=self.training,
         )
 
