@@ -58,8 +58,16 @@ class DoraLinear(LoraLinear):
         if not self.adapter_active():
             return self.base_forward(x)
         y = self.lora_op(x, None)  # [*, out], the bias is added after the scale
-        y = y * (self.lora_magnitude_vector / self.row_norms()).to(y.dtype)  # the norm is a constant to autograd
+        y = y * self.magnitude_scale().to(y.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def magnitude_scale(self) -> torch.Tensor:
+        """``c = m / ‖W + s B A‖`` per output, ``[out]``: differentiable in ``m``, the norm a constant to autograd."""
+        return self.lora_magnitude_vector / self.row_norms()
+
+    def forget_weight_norms(self) -> None:
+        """Drop the kept ``‖W_o‖²``: call after the base weight was replaced by another tensor object."""
+        self._weight_sq = None
 
     def _merge_scale(self) -> torch.Tensor:
         return (self.lora_magnitude_vector.detach() / self.row_norms()).to(self._compute_dtype())
@@ -75,14 +83,24 @@ class DoraLinear(LoraLinear):
         return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``c ⊙ (W + s B A)`` for the base weight ``W [out, in]``, in the compute dtype, with the current ``c``,
+        which is kept for :meth:`unmerged_weight`."""
+        scale = self._merge_scale()
+        self.merged_scale.copy_(scale.to(self.merged_scale.dtype))
+        return scale[:, None] * (weight.to(self._compute_dtype()) + self._delta_out_in())
+
+    @torch.no_grad()
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W / c - s B A`` for a merged weight ``[out, in]``, in the compute dtype, with the ``c`` kept at merging."""
+        return weight.to(self._compute_dtype()) / self.merged_scale.to(self._compute_dtype())[:, None] - self._delta_out_in()
+
+    @torch.no_grad()
     def merge(self) -> None:
         """``W <- c ⊙ (W + s B A)`` with the current ``c``, kept for :meth:`unmerge` (the bias is unchanged)."""
         if self.merged:
             return
-        scale = self._merge_scale()
-        merged = scale[:, None] * (self.base_weight().to(self._compute_dtype()) + self._delta_out_in())
-        self.base_weight().copy_(merged.to(self.weight.dtype))
-        self.merged_scale.copy_(scale.to(self.merged_scale.dtype))
+        self.base_weight().copy_(self.merged_weight(self.base_weight()).to(self.weight.dtype))
         self.merged = True
 
     def check_unmergeable(self) -> None:
@@ -94,9 +112,7 @@ class DoraLinear(LoraLinear):
         if not self.merged:
             return
         self.check_unmergeable()
-        scale = self.merged_scale.to(self._compute_dtype())
-        weight = self.base_weight().to(self._compute_dtype()) / scale[:, None] - self._delta_out_in()
-        self.base_weight().copy_(weight.to(self.weight.dtype))
+        self.base_weight().copy_(self.unmerged_weight(self.base_weight()).to(self.weight.dtype))
         self.merged = False
 
     def adapter_repr(self) -> str:

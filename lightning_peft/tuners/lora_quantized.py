@@ -129,29 +129,22 @@ class QuantizedDoraLinear(_QuantizedBase, DoraLinear):
             return result
         bias = self.bias.to(result.dtype) if self.bias is not None else None
         linear = result if bias is None else result - bias  # the bias is added after the scale
-        y = (linear + self.lora_branch(x).to(result.dtype)) * (self.lora_magnitude_vector / self.row_norms()).to(result.dtype)
+        y = (linear + self.lora_branch(x).to(result.dtype)) * self.magnitude_scale().to(result.dtype)
         return y if bias is None else y + bias
-
-    def _weight_replaced(self) -> None:
-        self._weight_sq = None  # ‖W_o‖² of the previous quantized weight
 
     @torch.no_grad()
     def merge(self) -> None:
         """``W <- Q(c ⊙ (deq(W) + s B A))`` in fp32 with the current ``c``, kept for :meth:`unmerge`."""
-        if self.merged:
-            return
-        scale = self._merge_scale()
-        self._store_dense(scale[:, None] * (self.base_weight().float() + self._delta_out_in()), "merging into")
-        self._weight_replaced()
-        self.merged_scale.copy_(scale.to(self.merged_scale.dtype))
-        self.merged = True
+        if not self.merged:
+            self._store_dense(self.merged_weight(self.base_weight()), "merging into")
+            self.forget_weight_norms()
+            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.check_unmergeable()
-        scale = self.merged_scale.float()
-        self._store_dense(self.base_weight().float() / scale[:, None] - self._delta_out_in(), "unmerging from")
-        self._weight_replaced()
-        self.merged = False
+        """``W <- Q(deq(W) / c - s B A)`` in fp32. No-op if not merged."""
+        if self.merged:
+            self.check_unmergeable()
+            self._store_dense(self.unmerged_weight(self.base_weight()), "unmerging from")
+            self.forget_weight_norms()
+            self.merged = False
