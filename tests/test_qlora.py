@@ -187,6 +187,20 @@ def test_dequantize_reads_the_cpu_repacked_4bit_layout(saved_llama):
     torch.testing.assert_close(y, x @ after.float().t(), rtol=1e-2, atol=1e-2)  # what the layer computes
 
 
+def test_merging_after_an_inference_forward_reads_the_repacked_weight(saved_llama):
+    ours, _ = twins(saved_llama, "nf4")
+    layer = ours.base_model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        dense = dequantize_weight(layer.restore_base()).float() + layer.delta_weight()
+        ours.eval()
+        logits(ours, random_ids(9))  # bitsandbytes may repack the CPU weights now
+        direct = bnb.functional.dequantize_4bit(*bnb.functional.quantize_4bit(dense, quant_type="nf4")).float()
+    _merge(ours)
+    merged = dequantize_weight(layer.restore_base()).float()
+    # as close to the dense merge as quantizing it directly is, but for the bf16 scales of the repacked layout
+    assert (merged - dense).abs().max() < 1.1 * (direct - dense).abs().max() + 1e-3
+
+
 def test_state_dict_keeps_the_quantized_models_keys_and_values(saved_llama):
     base = load(saved_llama, "nf4_double")
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
