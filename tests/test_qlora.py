@@ -111,6 +111,41 @@ def test_dora_init_outputs_and_gradients_match_peft(saved_llama, quant):
     assert any(n.endswith("lora_magnitude_vector") for n in names)
 
 
+def quantized_mlp(quant: str) -> torch.nn.Sequential:
+    """A biased MLP quantized by hand (bitsandbytes layers in place of nn.Linear), the same for every call."""
+    torch.manual_seed(1)
+    dense = [torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)]
+    layers = []
+    for lin in dense:
+        if quant == "int8":
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, has_fp16_weights=False)
+            q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        else:
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, compute_dtype=torch.float32, quant_type=quant)
+            q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=quant)
+        q.bias = torch.nn.Parameter(lin.bias.data.clone())
+        layers.append(q.to("cpu"))  # bitsandbytes quantizes when the layer moves to a device
+    net = torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1])
+    net.__dict__["is_loaded_in_8bit" if quant == "int8" else "is_loaded_in_4bit"] = True  # what peft looks for
+    return net
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_biased_hand_quantized_layers_match_peft(quant, dora):
+    settings = dict(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False, use_dora=dora)
+    ours = get_peft_model(quantized_mlp(quant), LoraConfig(**settings)).train()
+    theirs = peft.get_peft_model(quantized_mlp(quant), peft.LoraConfig(**settings)).train()
+    their_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, param in ours.base_model.named_parameters():
+            if param.requires_grad:
+                their_params[_their_key(name)].copy_(param)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2))
+    names = assert_outputs_and_grads_match(ours, theirs, lambda m: m(x), _their_key, rtol=1e-5, atol=1e-5)
+    assert len(names) == 2 * (3 if dora else 2)
+
+
 def _merge(model) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
