@@ -81,7 +81,7 @@ def test_the_cli_builds_its_optimizer_with_loraplus_groups(tmp_path, monkeypatch
         "fit", "--model=lightning_fixtures.LlamaModule", "--data=lightning_fixtures.TokensData",
         "--peft=lightning_peft.PEFTCallback", "--peft.model_attr=model",
         "--peft.peft_config=lightning_peft.LoraConfig", "--peft.peft_config.target_modules=[q_proj,v_proj]",
-        "--optimizer=AdamW", "--optimizer.lr=0.002", "--optimizer.weight_decay=0.0", "--loraplus_lr_ratio=4",
+        "--optimizer=torch.optim.AdamW", "--optimizer.lr=0.002", "--optimizer.weight_decay=0.0", "--loraplus_lr_ratio=4",
         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}",
     ])
@@ -99,6 +99,6 @@ def test_the_cli_refuses_a_bad_ratio_before_training(tmp_path, monkeypatch):
             "fit", "--model=lightning_fixtures.LlamaModule", "--data=lightning_fixtures.TokensData",
             "--peft=lightning_peft.PEFTCallback", "--peft.model_attr=model",
             "--peft.peft_config=lightning_peft.LoraConfig", "--peft.peft_config.target_modules=[q_proj]",
-            "--optimizer=SGD", "--loraplus_lr_ratio=0", "--trainer.max_epochs=1", "--trainer.logger=false",
+            "--optimizer=torch.optim.SGD", "--loraplus_lr_ratio=0", "--trainer.max_epochs=1", "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}",
         ])
