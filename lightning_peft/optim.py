@@ -49,7 +49,7 @@ def loraplus_param_groups(
 
     if not (isinstance(loraplus_lr_ratio, (int, float)) and loraplus_lr_ratio > 0):
         raise ValueError(f"loraplus_lr_ratio must be > 0 (B's learning rate over A's; 16 is common), got {loraplus_lr_ratio!r}")
-    b_params = {id(m.lora_B.weight) for m in model.modules() if isinstance(m, LoraLinear)}
+    b_params = {id(p) for m in model.modules() if isinstance(m, LoraLinear) for p in m.lora_B.parameters()}  # every adapter's B
     embedding_params: set[int] = set()  # LoRA on embeddings keeps peft's separate group (none yet)
     no_decay = _no_decay_names(model)
     a_group, embedding, b_decay, b_no_decay = [], [], [], []

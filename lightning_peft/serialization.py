@@ -11,17 +11,25 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_peft.tuners.config import PeftConfig, config_from_dict
-from lightning_peft.tuners.injection import adapter_state_dict, get_tuner, inject_adapter, load_adapter_state_dict
+from lightning_peft.tuners.injection import (
+    DEFAULT_ADAPTER,
+    adapter_state_dict,
+    get_adapter_set,
+    get_tuner,
+    inject_adapter,
+    load_adapter_state_dict,
+)
 from lightning_peft.tuners.layers import EmbeddingAdapterLayer
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter_config", "atomic_write", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
+__all__ = ["save_adapter", "save_adapters", "load_adapter", "adapter_made_active", "read_adapter_config", "atomic_write", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -100,6 +108,56 @@ def save_adapter(
     atomic_write(os.path.join(directory, ADAPTER_CONFIG_NAME), lambda p: _write_json(p, config_dict))
 
 
+@contextmanager
+def adapter_made_active(model: nn.Module, adapter_name: Optional[str]) -> Iterator[None]:
+    """Within the context ``adapter_name`` is ``model``'s active adapter; afterwards the previous one is again,
+    with the same parameters requiring grad."""
+    from lightning_peft.tuners.named_adapters import set_adapter
+
+    tuner = get_tuner(model)
+    if adapter_name is None or tuner is None or tuner.adapter_name == adapter_name:
+        yield
+        return
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    previous = tuner.adapter_name
+    set_adapter(model, adapter_name)
+    try:
+        yield
+    finally:
+        set_adapter(model, previous)
+        for name, param in model.named_parameters():
+            param.requires_grad_(flags.get(name, param.requires_grad))
+
+
+def save_adapters(
+    model: nn.Module,
+    directory: str,
+    selected_adapters: Optional[Sequence[str]] = None,
+    *,
+    path_initial_model_for_weight_conversion: Optional[str] = None,
+) -> None:
+    """Write ``model``'s adapters in peft's layout: ``"default"`` in ``directory``, any other in ``directory/<name>``.
+
+    Args:
+        selected_adapters: which adapters (default: all of them).
+        path_initial_model_for_weight_conversion: see :func:`save_adapter`.
+
+    Raises:
+        ValueError: an unknown adapter name (nothing is written then).
+    """
+    adapters = get_adapter_set(model)
+    if adapters is None:
+        raise ValueError(f"{type(model).__name__} has no adapter to save; adapt it with get_peft_model() first")
+    names = list(adapters.tuners) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in adapters.tuners]
+    if unknown:
+        raise ValueError(f"selected_adapters names unknown adapters {unknown}; this model has {list(adapters.tuners)}")
+    for name in names:
+        target = directory if name == DEFAULT_ADAPTER else os.path.join(directory, name)
+        with adapter_made_active(model, name):
+            save_adapter(model, target, path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion)
+
+
 def _write_json(path: str, data: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2, sort_keys=True)
@@ -114,36 +172,57 @@ def read_adapter_config(directory: str) -> PeftConfig:
         return config_from_dict(json.load(fh))
 
 
-def load_adapter(model: nn.Module, directory: str, *, is_trainable: bool = False) -> PeftConfig:
+def load_adapter(model: nn.Module, directory: str, *, is_trainable: bool = False, adapter_name: str = DEFAULT_ADAPTER,
+                 add: bool = False) -> PeftConfig:
     """Inject the adapter stored in ``directory`` into ``model`` and load its weights.
 
     Args:
-        model: a fresh base model (no adapter yet).
+        model: a fresh base model (no adapter yet), or with ``add`` one that has adapters of the same method.
         directory: a peft adapter directory.
         is_trainable: keep the adapter trainable (default: inference only, nothing requires grad).
+        adapter_name: the name it gets in ``model``.
+        add: add it beside ``model``'s adapters (not made active) instead of adapting a fresh model.
 
     Returns:
         The config that was injected. If the weights do not fit, the model is left as it was.
     """
+    from lightning_peft.tuners.injection import check_adapter_name, remove_adapter
+    from lightning_peft.tuners.named_adapters import add_adapter, delete_adapter
+
+    check_adapter_name(adapter_name)
     config = read_adapter_config(directory)
     config.inference_mode = not is_trainable
     raw = load_file(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
-    tuner = inject_adapter(model, config)
+    if add:
+        add_adapter(model, adapter_name, config)  # raises for a name in use, another method, a misfit: model unchanged
+        try:
+            with adapter_made_active(model, adapter_name):
+                _load_weights(model, raw)
+        except BaseException:
+            delete_adapter(model, adapter_name)
+            raise
+        return config
+    tuner = inject_adapter(model, config, adapter_name=adapter_name)
     try:
-        tuner.fit_to_peft_state(model, raw)
-        state = {k: v.to(_param_device(model)) for k, v in tuner.from_peft_state_dict(model, raw).items()}
-        embeddings = _embedding_weights_saved_with_adapter(model, state)
-        load_adapter_state_dict(model, {k: v for k, v in state.items() if k not in embeddings})
-        with torch.no_grad():
-            own = model.state_dict()
-            for key, value in embeddings.items():
-                own[key].copy_(value)
+        _load_weights(model, raw)
     except BaseException:
-        from lightning_peft.tuners.injection import remove_adapter
-
         remove_adapter(model, restore_requires_grad=True)
         raise
     return config
+
+
+def _load_weights(model: nn.Module, raw: dict[str, torch.Tensor]) -> None:
+    """A peft file's tensors into the active adapter (and the base embedding tables peft saves beside it)."""
+    tuner = get_tuner(model)
+    assert tuner is not None
+    tuner.fit_to_peft_state(model, raw)
+    state = {k: v.to(_param_device(model)) for k, v in tuner.from_peft_state_dict(model, raw).items()}
+    embeddings = _embedding_weights_saved_with_adapter(model, state)
+    load_adapter_state_dict(model, {k: v for k, v in state.items() if k not in embeddings})
+    with torch.no_grad():
+        own = model.state_dict()
+        for key, value in embeddings.items():
+            own[key].copy_(value)
 
 
 def _embedding_weights_saved_with_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

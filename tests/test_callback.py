@@ -53,7 +53,7 @@ def test_injects_and_freezes_before_the_optimizer_exists(tmp_path, module_cls):
     for name, value in module.model.state_dict().items():
         if name in base_before:
             assert torch.equal(value, base_before[name]), name
-    assert all(layer.lora_B.weight.abs().sum() > 0 for layer in module.model.modules() if isinstance(layer, LoraLinear))
+    assert all(layer.lora_B.default.weight.abs().sum() > 0 for layer in module.model.modules() if isinstance(layer, LoraLinear))
 
 
 @pytest.mark.parametrize("module_cls", [LlamaModule, LazyLlamaModule], ids=["built_in_init", "built_in_configure_model"])
@@ -63,7 +63,7 @@ def test_adapts_the_whole_lightning_module_when_no_attribute_is_named(tmp_path, 
     tuner = get_tuner(module)
     assert tuner is not None and get_tuner(module.model) is None
     assert set(adapter_state_dict(module)) == {n for n, _ in module.named_parameters() if ".lora_" in n} | {
-        n for n, _ in module.named_buffers() if n.endswith("lora_rng")
+        n for n, _ in module.named_buffers() if n.endswith("lora_rng.default")
     }
 
 
@@ -116,15 +116,15 @@ def test_fails_clearly_when_trainable_parameters_are_in_no_optimizer(tmp_path):
         _fit(tmp_path, PrebuiltOptimizer(), PEFTCallback(CFG, model_attr="model"))
     message = str(info.value)
     assert "8 trainable parameters belong to no optimizer" in message
-    assert "lora_A.weight" in message and "--optimizer" in message and "configure_optimizers" in message
+    assert "lora_A.default.weight" in message and "--optimizer" in message and "configure_optimizers" in message
 
 
 def test_dropout_rng_advances_once_per_micro_batch(tmp_path):
     module = LlamaModule()
     _fit(tmp_path, module, PEFTCallback(CFG, model_attr="model"), accumulate_grad_batches=2)
-    offsets = {int(m.lora_rng[1]) for m in module.model.modules() if isinstance(m, LoraLinear)}
+    offsets = {int(m.lora_rng.default[1]) for m in module.model.modules() if isinstance(m, LoraLinear)}
     assert offsets == {4}  # 32 samples / batch 8 = 4 micro-batches (2 optimizer steps)
-    seeds = [int(m.lora_rng[0]) for m in module.model.modules() if isinstance(m, LoraLinear)]
+    seeds = [int(m.lora_rng.default[0]) for m in module.model.modules() if isinstance(m, LoraLinear)]
     assert len(set(seeds)) == len(seeds)  # every layer has its own mask stream
 
 

@@ -43,7 +43,7 @@ def test_checkpoint_holds_only_the_adapter_and_its_config(tmp_path, weights_only
     expected = {"model." + k: v for k, v in adapter_state_dict(module.model).items()}
     assert set(ckpt["state_dict"]) == set(expected)
     assert any(k.startswith("model.lm_head.") for k in expected)  # modules_to_save are in
-    assert any(k.endswith("lora_rng") for k in expected)  # so is the dropout RNG state
+    assert any(k.endswith("lora_rng.default") for k in expected)  # so is the dropout RNG state
     for key, value in expected.items():
         assert torch.equal(ckpt["state_dict"][key], value), key
     meta = ckpt["lightning_peft"]
@@ -109,13 +109,13 @@ def test_load_peft_checkpoint_names_what_does_not_fit_and_leaves_the_model_alone
     before = {k: v.clone() for k, v in wider.state_dict().items()}
     with pytest.raises(ValueError, match="does not fit this model: shape mismatches") as info:
         load_peft_checkpoint(wider, ckpt_cb.last_model_path)
-    assert "model.layers.0.self_attn.q_proj.lora_A.weight: checkpoint (4, 64) vs model (4, 32)" in str(info.value)
+    assert "model.layers.0.self_attn.q_proj.lora_A.default.weight: checkpoint (4, 64) vs model (4, 32)" in str(info.value)
     assert get_tuner(wider) is None and not any(isinstance(m, LoraLinear) for m in wider.modules())
     assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())
 
     shallower = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                                              num_key_value_heads=4, vocab_size=128, max_position_embeddings=64))
-    with pytest.raises(ValueError, match=r"unexpected keys \[model.layers.1.self_attn.q_proj.lora_A.weight"):
+    with pytest.raises(ValueError, match=r"unexpected keys \[model.layers.1.self_attn.q_proj.lora_A.default.weight"):
         load_peft_checkpoint(shallower, ckpt_cb.last_model_path)
 
     plain = tmp_path / "plain.ckpt"
@@ -130,11 +130,11 @@ def test_resuming_with_another_config_or_model_fails_before_anything_is_restored
     module = LlamaModule()
     with pytest.raises(ValueError, match=r"was trained with LoraConfig\(.*r=4.*but this PEFTCallback has LoraConfig\(.*r=2"):
         _train(tmp_path / "other", module, config=other, epochs=2, ckpt_path=ckpt_cb.last_model_path)
-    assert all(float(m.lora_rng[1]) == 0 for m in module.modules() if isinstance(m, LoraLinear))  # nothing loaded
+    assert all(float(m.lora_rng.default[1]) == 0 for m in module.modules() if isinstance(m, LoraLinear))  # nothing loaded
 
     ckpt = load_ckpt(ckpt_cb.last_model_path)
     del ckpt["lightning_peft"], ckpt["callbacks"]  # an adapter-less record: the keys decide
-    dropped = "model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    dropped = "model.model.layers.1.self_attn.v_proj.lora_B.default.weight"
     del ckpt["state_dict"][dropped]
     torch.save(ckpt, tmp_path / "broken.ckpt")
     with pytest.raises(ValueError, match=rf"missing adapter keys \[{dropped}\]"):

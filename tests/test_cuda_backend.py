@@ -153,7 +153,7 @@ def test_bf16_autocast_through_the_lora_layer():
     seed = fresh_seed()
     torch.manual_seed(seed)
     base = torch.nn.Linear(160, 96, bias=False, device="cuda")
-    layer = LoraLinear(base, r=16, scaling=2.0, dropout_p=0.1, init=False, fan_in_fan_out=False, seed=seed).cuda().train()
+    layer = LoraLinear(base, r=16, scaling=2.0, dropout_p=0.1, init=False, seed=seed).cuda().train()
     x = torch.randn(4, 50, 160, device="cuda", requires_grad=True)
     saved_masks = []
 
@@ -169,7 +169,7 @@ def test_bf16_autocast_through_the_lora_layer():
     mask = saved_masks[0]
     grad_y = torch.randn_like(y)
     y.backward(grad_y)
-    a, bb = layer.lora_A.weight, layer.lora_B.weight
+    a, bb = layer.lora_A.default.weight, layer.lora_B.default.weight
     assert a.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
     from lightning_peft.ops.dropout_mask import unpack_mask

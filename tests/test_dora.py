@@ -48,7 +48,7 @@ def test_outputs_and_gradients_match_peft_in_float64(kind):
 def test_the_row_norms_equal_the_materialised_ones_and_init_is_the_base():
     base, ours, _ = twins("llama_gqa")
     for layer in (m for m in ours.modules() if isinstance(m, DoraLinear)):
-        full = layer.base_weight() + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight  # [out, in]
+        full = layer.base_weight() + layer.scaling["default"] * layer.lora_B.default.weight @ layer.lora_A.default.weight  # [out, in]
         torch.testing.assert_close(layer.row_norms(), torch.linalg.norm(full, dim=1), rtol=1e-5, atol=1e-6)
     fresh = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     ids = random_ids(2)

@@ -147,7 +147,7 @@ def test_sharded_training_equals_one_process_on_the_same_global_batches(runs, sh
     trained = "lora_B" if method == "lora" else "adapter_up"
     assert any(not torch.equal(first[k], want[k]) for k in want if trained in k)  # it did train
     if method == "lora":  # the dropout offsets advanced once per micro-batch in both
-        assert all(int(want[k][1]) == EPOCHS * MICRO_PER_EPOCH for k in want if k.endswith("lora_rng"))
+        assert all(int(want[k][1]) == EPOCHS * MICRO_PER_EPOCH for k in want if k.endswith("lora_rng.default"))
 
 
 def test_the_sharded_run_shards_the_frozen_base_and_keeps_no_state_for_it(runs):
@@ -171,7 +171,7 @@ def test_full_checkpoint_holds_only_the_adapter_and_its_optimizer_state(runs):
     keys = _expected_keys()
     assert set(ckpt["state_dict"]) == keys and ckpt["lightning_peft"]["peft_config"] == LoraConfig(**LORA).to_dict()
     (optimizer,) = ckpt["optimizer_states"]
-    assert set(optimizer["state"]) == {k for k in keys if not k.endswith("lora_rng")}  # by name, adapter only
+    assert set(optimizer["state"]) == {k for k in keys if not k.endswith("lora_rng.default")}  # by name, adapter only
 
 def _size(path) -> int:
     return os.path.getsize(path) if path.is_file() else sum(f.stat().st_size for f in path.iterdir())
@@ -202,7 +202,7 @@ def test_sharded_checkpoint_is_a_dcp_directory_with_only_the_adapter(runs):
     keys = _expected_keys()
     assert {k[len("state_dict."):] for k in saved if k.startswith("state_dict.")} == keys
     optimizer_params = {k.split(".", 2)[2].rsplit(".", 1)[0] for k in saved if k.startswith("optimizer_0.state.")}
-    assert optimizer_params == {k for k in keys if not k.endswith("lora_rng")}
+    assert optimizer_params == {k for k in keys if not k.endswith("lora_rng.default")}
     meta = torch.load(path / "meta.pt", weights_only=True)
     assert meta["lightning_peft"]["peft_config"] == LoraConfig(**LORA).to_dict()
     # the library's reader agrees with torch's own converter of a DCP directory into one file
@@ -279,7 +279,7 @@ def test_bf16_mixed_precision_trains_and_saves_fp32_adapter(runs):
     for micro, loss in losses.items():
         assert abs(loss - fp32[micro]) < 0.05  # bf16 compute, fp32 master weights: close to the fp32 run
     saved = _final_adapter(runs, "bf16", epoch=0)
-    assert {v.dtype for k, v in saved.items() if not k.endswith("lora_rng")} == {torch.float32}
+    assert {v.dtype for k, v in saved.items() if not k.endswith("lora_rng.default")} == {torch.float32}
 
 
 @pytest.mark.parametrize("form", ["lora_full", "lora_sharded"])
@@ -364,7 +364,7 @@ def test_apply_peft_outside_a_trainer_leaves_the_model_plain_and_with_a_callback
     apply_peft(module, callback)  # idempotent, like configure_model must be
     assert get_tuner(module.model).config.to_dict() == LoraConfig(**LORA).to_dict()
     assert {n for n, p in module.named_parameters() if p.requires_grad} == {
-        k for k in _expected_keys() if not k.endswith("lora_rng")}
+        k for k in _expected_keys() if not k.endswith("lora_rng.default")}
 
 
 def test_replace_directory_swaps_a_complete_directory_in(tmp_path):

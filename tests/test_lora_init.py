@@ -43,7 +43,7 @@ def test_factors_and_residual_weights_equal_peft(init):
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init))
     their_params = dict(theirs.named_parameters())
     for name, layer in _layers(ours).items():
-        for ours_param, suffix in ((layer.lora_A.weight, "lora_A.default.weight"), (layer.lora_B.weight, "lora_B.default.weight"),
+        for ours_param, suffix in ((layer.lora_A.default.weight, "lora_A.default.weight"), (layer.lora_B.default.weight, "lora_B.default.weight"),
                                    (layer.weight, "base_layer.weight")):
             torch.testing.assert_close(ours_param, their_params[f"base_model.model.{name}.{suffix}"], rtol=1e-5, atol=1e-6)
     ids = random_ids(1)
@@ -58,10 +58,10 @@ def test_pissa_on_gpt2_conv1d_from_scratch_in_float64():
     for name, layer in _layers(ours).items():
         w = base.get_submodule(name).weight.t()  # [out, in]
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        root = torch.sqrt(s[:3] / layer.scaling)
-        torch.testing.assert_close(layer.lora_A.weight.abs(), (root[:, None] * vh[:3]).abs())  # up to singular-vector signs
-        torch.testing.assert_close(layer.lora_B.weight @ layer.lora_A.weight, (u[:, :3] * root) @ (root[:, None] * vh[:3]))
-        torch.testing.assert_close(layer.weight.t() + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight, w)
+        root = torch.sqrt(s[:3] / layer.scaling["default"])
+        torch.testing.assert_close(layer.lora_A.default.weight.abs(), (root[:, None] * vh[:3]).abs())  # up to singular-vector signs
+        torch.testing.assert_close(layer.lora_B.default.weight @ layer.lora_A.default.weight, (u[:, :3] * root) @ (root[:, None] * vh[:3]))
+        torch.testing.assert_close(layer.weight.t() + layer.scaling["default"] * layer.lora_B.default.weight @ layer.lora_A.default.weight, w)
 
 
 def test_pissa_niter_is_a_randomized_pissa():
@@ -70,7 +70,7 @@ def test_pissa_niter_is_a_randomized_pissa():
     fast = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_16"))
     for name, layer in _layers(fast).items():
         w = base.get_submodule(name).weight
-        low_rank = layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+        low_rank = layer.scaling["default"] * layer.lora_B.default.weight @ layer.lora_A.default.weight
         torch.testing.assert_close(layer.weight + low_rank, w, rtol=1e-5, atol=1e-5)
         best = torch.linalg.svdvals(w)[4:].square().sum().sqrt()  # the optimal rank-4 residual (Eckart-Young)
         assert torch.linalg.norm(w - low_rank) <= 1.05 * best

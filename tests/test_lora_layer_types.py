@@ -125,7 +125,7 @@ def test_a_resized_vocabulary_round_trips_through_peft_files(tmp_path):
         return model
 
     ours, theirs = twins(resized(), r=2, target_modules=["embed_tokens", "q_proj"])
-    assert ours.base_model.model.embed_tokens.lora_embedding_A.shape == (2, VOCAB + 8)
+    assert ours.base_model.model.embed_tokens.lora_embedding_A.default.shape == (2, VOCAB + 8)
     theirs.save_pretrained(tmp_path)
     here = PeftModel.from_pretrained(resized(), str(tmp_path))
     ids = random_ids(5) + 8  # ids beyond the original vocabulary too
@@ -137,15 +137,15 @@ def test_conv_dropout_masks_follow_the_key():
     model = get_peft_model(ConvNet(), LoraConfig(r=2, target_modules=["c1"], lora_dropout=0.5, init_lora_weights=False)).train()
     layer = model.base_model.c1
     x = torch.randn(2, 16, 9)
-    key = layer.lora_rng.clone()
+    key = layer.lora_rng.default.clone()
     first, again = layer(x), layer(x)
     torch.testing.assert_close(first, again, rtol=0, atol=0)  # same key, same mask
-    layer.lora_rng[1] += 1
+    layer.lora_rng.default[1] += 1
     assert not torch.allclose(layer(x), first)
-    layer.lora_rng.copy_(key)
+    layer.lora_rng.default.copy_(key)
     torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
     with torch.no_grad():
-        expected = layer.base_forward(x) + layer.lora_B(layer.lora_A(x)) * layer.scaling
+        expected = layer.base_forward(x) + layer.lora_B.default(layer.lora_A.default(x)) * layer.scaling["default"]
     torch.testing.assert_close(layer.eval()(x), expected)  # eval: no dropout
 
 

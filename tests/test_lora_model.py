@@ -31,17 +31,17 @@ def test_default_init_is_identity_kaiming_a_zero_b():
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     torch.testing.assert_close(model(ids()).logits, expected, rtol=0, atol=0)
     for layer in lora_layers(model):
-        assert torch.count_nonzero(layer.lora_B.weight) == 0
+        assert torch.count_nonzero(layer.lora_B.default.weight) == 0
         bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform(a=sqrt(5)) bound
-        assert layer.lora_A.weight.abs().max() <= bound
-        assert layer.lora_A.weight.abs().max() > 0.5 * bound  # really drawn from the full range
+        assert layer.lora_A.default.weight.abs().max() <= bound
+        assert layer.lora_A.default.weight.abs().max() > 0.5 * bound  # really drawn from the full range
 
 
 def test_gaussian_init_std_one_over_r():
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
-    a = torch.cat([layer.lora_A.weight.flatten() for layer in lora_layers(model)])
+    a = torch.cat([layer.lora_A.default.weight.flatten() for layer in lora_layers(model)])
     assert abs(a.std().item() - 1 / 4) < 0.02
-    assert all(torch.count_nonzero(layer.lora_B.weight) == 0 for layer in lora_layers(model))
+    assert all(torch.count_nonzero(layer.lora_B.default.weight) == 0 for layer in lora_layers(model))
 
 
 def test_init_false_changes_the_output():
@@ -78,7 +78,7 @@ def test_merged_weight_is_w_plus_scaled_ba_in_float64():
     layer = lora_layers(model)[0]
     w0 = layer.weight.detach().clone()  # Conv1D: [in, out]
     model.merge_adapter()
-    expected = w0 + (5 / 3) * (layer.lora_B.weight @ layer.lora_A.weight).t()
+    expected = w0 + (5 / 3) * (layer.lora_B.default.weight @ layer.lora_A.default.weight).t()
     torch.testing.assert_close(layer.weight.detach(), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -90,7 +90,7 @@ def test_merge_and_unload_gives_plain_layers_and_same_outputs():
     assert not lora_layers(plain)
     assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
     torch.testing.assert_close(plain(ids()).logits, expected, rtol=1e-5, atol=1e-5)
-    assert not any(k.endswith(("lora_A.weight", "lora_rng")) for k in plain.state_dict())
+    assert not any(k.endswith(("lora_A.default.weight", "lora_rng.default")) for k in plain.state_dict())
 
 
 def test_unload_restores_the_original_weights():
@@ -124,7 +124,7 @@ def test_disable_adapter_context(merged):
 def test_merge_refuses_nan_and_changes_nothing():
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     with torch.no_grad():
-        lora_layers(model)[-1].lora_B.weight[0, 0] = float("nan")
+        lora_layers(model)[-1].lora_B.default.weight[0, 0] = float("nan")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="NaN/inf"):
         model.merge_adapter()
@@ -141,7 +141,7 @@ def test_base_state_dict_keys_unchanged_and_base_checkpoint_loads():
     model = get_peft_model(tiny_llama(seed=1), LoraConfig(r=4, target_modules="all-linear"))
     result = model.base_model.load_state_dict(base_state, strict=False)
     assert result.unexpected_keys == []
-    assert all(k.endswith(("lora_A.weight", "lora_B.weight", "lora_rng")) for k in result.missing_keys)
+    assert all(k.endswith(("lora_A.default.weight", "lora_B.default.weight", "lora_rng.default")) for k in result.missing_keys)
     for k, v in base_state.items():
         assert torch.equal(model.base_model.state_dict()[k], v)
 
@@ -247,7 +247,7 @@ def test_load_mismatching_adapter_names_the_problem_and_leaves_model(tmp_path):
     save_file(weights, str(tmp_path / ADAPTER_WEIGHTS_NAME))
     model = tiny_llama()
     types = {n: type(m) for n, m in model.named_modules()}
-    with pytest.raises(ValueError, match=r"shape mismatches .*lora_A.weight: checkpoint \(3, 64\) vs model \(4, 64\)"):
+    with pytest.raises(ValueError, match=r"shape mismatches .*lora_A.default.weight: checkpoint \(3, 64\) vs model \(4, 64\)"):
         PeftModel.from_pretrained(model, str(tmp_path))
     assert {n: type(m) for n, m in model.named_modules()} == types
     assert all(p.requires_grad for p in model.parameters())

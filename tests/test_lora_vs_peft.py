@@ -19,7 +19,7 @@ def copy_lora_weights(ours, theirs) -> int:
     with torch.no_grad():
         for name, param in ours.base_model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
-                key = "base_model.model." + name.replace(".weight", ".default.weight")
+                key = "base_model.model." + name  # our keys carry the adapter name as peft's do
                 their_params[key].copy_(param)
                 copied += 1
     return copied
@@ -59,7 +59,7 @@ def test_outputs_and_gradients_match_peft(kind, use_rslora):
     checked = 0
     for name, param in ours.base_model.named_parameters():
         if param.requires_grad:
-            key = "base_model.model." + name.replace(".weight", ".default.weight")
+            key = "base_model.model." + name  # our keys carry the adapter name as peft's do
             torch.testing.assert_close(param.grad, their_params[key].grad, rtol=1e-10, atol=1e-10)
             checked += 1
     assert checked > 0
@@ -97,8 +97,8 @@ def trainable_names_peft(model):
     names = set()
     for n, p in model.named_parameters():
         if p.requires_grad:
-            n = n.removeprefix("base_model.model.").replace(".default.", ".").replace(".base_layer.", ".")
-            names.add(n.replace("modules_to_save.", ""))
+            n = n.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            names.add(n.replace("modules_to_save.default.", ""))  # peft's copy of a module_to_save; ours trains it in place
     return names
 
 

@@ -48,13 +48,13 @@ def test_b_moves_ratio_times_faster_than_a_under_sgd():
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     optimizer = create_loraplus_optimizer(model, torch.optim.SGD, lr=0.1, loraplus_lr_ratio=4.0)
     layer = model.base_model.model.layers[0].self_attn.q_proj
-    a0, b0 = layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()
+    a0, b0 = layer.lora_A.default.weight.detach().clone(), layer.lora_B.default.weight.detach().clone()
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
-    ga, gb = layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+    ga, gb = layer.lora_A.default.weight.grad.clone(), layer.lora_B.default.weight.grad.clone()
     optimizer.step()
-    torch.testing.assert_close(layer.lora_A.weight, a0 - 0.1 * ga)
-    torch.testing.assert_close(layer.lora_B.weight, b0 - 0.4 * gb)
+    torch.testing.assert_close(layer.lora_A.default.weight, a0 - 0.1 * ga)
+    torch.testing.assert_close(layer.lora_B.default.weight, b0 - 0.4 * gb)
 
 
 @pytest.mark.parametrize("ratio", [0, -1.0, "16"])

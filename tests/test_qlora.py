@@ -86,7 +86,7 @@ def test_lora_outputs_and_gradients_match_peft(saved_llama, quant):
     ours, theirs = twins(saved_llama, quant)
     layers = [m for m in ours.modules() if isinstance(m, QuantizedLoraLinear)]
     assert len(layers) == 2 * len(TARGETS)
-    assert all(layer.lora_A.weight.dtype == torch.float32 for layer in layers)  # peft's factor dtype on a quantized base
+    assert all(layer.lora_A["default"].weight.dtype == torch.float32 for layer in layers)  # peft's factor dtype on a quantized base
     ours.train(), theirs.train()
     ids = random_ids(1)
     names = assert_outputs_and_grads_match(ours, theirs, lambda m: logits(m, ids), _their_key, rtol=1e-5, atol=1e-5)
@@ -164,10 +164,10 @@ def test_merge_requantizes_like_peft_and_reports_the_error(saved_llama, quant, d
         # from scratch: the dense weight merging should store, in fp32
         dense = dequantize_weight(layer.restore_base()).float()
         if dora:
-            full = dense + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+            full = dense + layer.delta_weight()
             expected = (layer.lora_magnitude_vector / torch.linalg.norm(full, dim=1))[:, None] * full
         else:
-            expected = dense + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+            expected = dense + layer.delta_weight()
     messages = _merge(ours)
     _merge(theirs)
     assert layer.merged
@@ -326,7 +326,7 @@ def test_training_steps_change_only_the_adapter(saved_llama):
     after = model.base_model.state_dict()
     for key, value in frozen.items():  # the quantized weights, their quantization state, norms, embeddings
         assert torch.equal(after[key], value), key
-    changed = [k for k, v in model.adapter_state_dict().items() if k.endswith("lora_B.weight") and not torch.equal(v, adapter_before[k])]
+    changed = [k for k, v in model.adapter_state_dict().items() if k.endswith("lora_B.default.weight") and not torch.equal(v, adapter_before[k])]
     assert len(changed) == 2 * len(TARGETS)
 
 

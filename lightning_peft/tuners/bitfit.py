@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_peft.tuners.config import PeftConfig, register_config
-from lightning_peft.tuners.injection import Tuner, register_tuner
+from lightning_peft.tuners.injection import DEFAULT_ADAPTER, Tuner, register_tuner
 from lightning_peft.tuners.targets import match_module_names
 
 __all__ = ["BitFitConfig", "BitFitTuner"]
@@ -59,8 +59,8 @@ class BitFitTuner(Tuner):
     config: BitFitConfig
     can_merge = True  # the trained biases are always "merged"; unmerge() puts the originals back
 
-    def __init__(self, config: BitFitConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: BitFitConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__(config, adapter_name)
         self.bias_names: list[str] = []  # the adapter: these bias parameters of the model
         self.originals: dict[str, torch.Tensor] = {}  # their values at injection (disable / unload)
         self.stashed: dict[str, torch.Tensor] = {}  # the trained values while unmerged

@@ -15,11 +15,12 @@ product ``W Aᵀ`` and the ``r × r`` Gram matrix; ``‖W_o‖²`` is kept while
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from lightning_peft.tuners.injection import DEFAULT_ADAPTER
 from lightning_peft.tuners.lora import LoraLinear
 
 __all__ = ["DoraLinear"]
@@ -31,10 +32,10 @@ class DoraLinear(LoraLinear):
     Args: as :class:`~lightning_peft.tuners.lora.LoraLinear`.
     """
 
-    adapter_parameter_names = LoraLinear.adapter_parameter_names + ("lora_magnitude_vector",)
-
-    def __init__(self, base: nn.Module, *, r: int, scaling: float, dropout_p: float, init: Union[bool, str], seed: int) -> None:
-        super().__init__(base, r=r, scaling=scaling, dropout_p=dropout_p, init=init, seed=seed)
+    def __init__(self, base: nn.Module, *, adapter: str = DEFAULT_ADAPTER, r: int, scaling: float, dropout_p: float,
+                 init: Union[bool, str], seed: int) -> None:
+        super().__init__(base, adapter=adapter, r=r, scaling=scaling, dropout_p=dropout_p, init=init, seed=seed)
+        self.dora_adapter = adapter  # a DoRA layer holds this one adapter
         self._weight_sq: tuple[tuple, torch.Tensor] | None = None  # ((weight version, device, dtype), ‖W_o‖² [out])
         with torch.no_grad():
             self.lora_magnitude_vector = nn.Parameter(self.row_norms())
@@ -45,17 +46,23 @@ class DoraLinear(LoraLinear):
         """``‖W_o + s (B A)_o‖`` for every output ``o``, ``[out]`` (fp32 on CPU for half precision), no grad."""
         w = self.base_weight()
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) and w.device.type == "cpu" else w.dtype
-        w, a, b = w.to(dtype), self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        adapter = self.dora_adapter
+        w, a, b = w.to(dtype), self.lora_A[adapter].weight.to(dtype), self.lora_B[adapter].weight.to(dtype)
         key = (self.weight._version, w.device, w.dtype)
         if self._weight_sq is None or self._weight_sq[0] != key:  # the weight is frozen: usually computed once
             self._weight_sq = (key, w.square().sum(1))
         cross = (b * (w @ a.t())).sum(1)  # B_o · (A W_oᵀ), [out]
         quad = ((b @ (a @ a.t())) * b).sum(1)  # B_o (A Aᵀ) B_oᵀ, [out]
-        s = self.scaling
+        s = self.scaling[adapter]
         return (self._weight_sq[1] + 2 * s * cross + s * s * quad).clamp_min(0).sqrt().to(self.branch_dtype())
 
+    def adapter_parameter_names_of(self, adapter: str) -> list[str]:
+        return super().adapter_parameter_names_of(adapter) + ["lora_magnitude_vector"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.adapter_active():
+        if self.mixed_batch is not None:
+            raise ValueError("DoRA adapters cannot serve a mixed batch (adapter_names=...); run one adapter at a time with set_adapter()")
+        if self.branch_to_apply() is None:
             return self.base_forward(x)
         y = self.lora_op(x, None)  # [*, out], the bias is added after the scale
         y = y * self.magnitude_scale().to(y.dtype)
@@ -73,7 +80,7 @@ class DoraLinear(LoraLinear):
         return (self.lora_magnitude_vector.detach() / self.row_norms()).to(self._compute_dtype())
 
     @torch.no_grad()
-    def check_mergeable(self) -> None:
+    def check_mergeable(self, adapter: Optional[str] = None) -> None:
         merged = self._merge_scale()[:, None] * (self.base_weight().to(self._compute_dtype()) + self._delta_out_in())
         if not torch.isfinite(merged).all():
             raise ValueError(f"merging the DoRA layer ({self.extra_repr()}) would put NaN/inf into its weight; nothing was merged")
@@ -96,7 +103,7 @@ class DoraLinear(LoraLinear):
         return weight.to(self._compute_dtype()) / self.merged_scale.to(self._compute_dtype())[:, None] - self._delta_out_in()
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, adapter: Optional[str] = None) -> None:
         """``W <- c ⊙ (W + s B A)`` with the current ``c``, kept for :meth:`unmerge` (the bias is unchanged)."""
         if self.merged:
             return

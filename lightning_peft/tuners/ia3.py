@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_peft.tuners.config import LayerTargetsConfig, register_config
-from lightning_peft.tuners.injection import AdapterLayer, register_tuner
+from lightning_peft.tuners.injection import DEFAULT_ADAPTER, AdapterLayer, register_tuner
 from lightning_peft.tuners.layers import LayerReplacementTuner, LinearAdapterLayer
 from lightning_peft.tuners.targets import match_module_names
 
@@ -116,12 +116,12 @@ class IA3Linear(LinearAdapterLayer):
             self.bias.copy_((bias / bias_scale if divide else bias * bias_scale).to(self.bias.dtype))
 
     @torch.no_grad()
-    def check_mergeable(self) -> None:
+    def check_mergeable(self, adapter: Optional[str] = None) -> None:
         if not torch.isfinite(self.weight.to(self._compute_dtype()) * self._weight_scale()).all():
             raise ValueError(f"merging the IA3 layer ({self.extra_repr()}) would put NaN/inf into its weight; nothing was merged")
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, adapter: Optional[str] = None) -> None:
         if not self.merged:
             self._rescale(divide=False)
             self.merged = True
@@ -150,8 +150,8 @@ class IA3Tuner(LayerReplacementTuner):
 
     config: IA3Config
 
-    def __init__(self, config: IA3Config) -> None:
-        super().__init__(config)
+    def __init__(self, config: IA3Config, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__(config, adapter_name)
         #: The feed-forward targets as given, or peft's defaults for the model type (set by inject).
         self.feedforward_modules: Optional[Union[list[str], str]] = config.feedforward_modules
 

@@ -31,11 +31,16 @@ __all__ = [
     "load_adapter_state_dict",
     "advance_dropout_rng",
     "is_sharded",
+    "AdapterSet",
+    "get_adapter_set",
+    "DEFAULT_ADAPTER",
 ]
 
 _TUNER_ATTR = "_lightning_peft_tuner"
 _ADAPTED_BY_ATTR = "_lightning_peft_adapted_by"  # on every submodule of an adapted model: the method's peft_type
 PEFT_PREFIX = "base_model.model."  # HF peft's key prefix: PeftModel.base_model (tuner).model
+DEFAULT_ADAPTER = "default"  # peft's name for an adapter that was not given one
+_ADAPTERS_ATTR = "_lightning_peft_adapters"  # on the root: the AdapterSet of a model with several named adapters
 _TUNER_CLASSES: dict[str, type["Tuner"]] = {}
 _PEFT_CLASSIFIER_NAMES = ("classifier", "score")
 
@@ -56,6 +61,20 @@ class AdapterLayer(nn.Module):
     def restore_base(self) -> nn.Module:
         """Return the base module to put back in this layer's place (with any merged weights)."""
         raise NotImplementedError
+
+    # Layers holding several named adapters (LoRA) name their tensors per adapter; single-adapter
+    # layers have the fixed names above.
+    def adapter_parameter_names_of(self, adapter: str) -> list[str]:
+        """Names (relative to the layer) of adapter ``adapter``'s parameters."""
+        return list(self.adapter_parameter_names)
+
+    def adapter_buffer_names_of(self, adapter: str) -> list[str]:
+        """Names (relative to the layer) of adapter ``adapter``'s buffers."""
+        return list(self.adapter_buffer_names)
+
+    def dropout_rng_buffers_of(self, adapter: str) -> list[torch.Tensor]:
+        """Adapter ``adapter``'s ``int64 [2]`` (seed, offset) dropout keys."""
+        return [getattr(self, b) for b in self.dropout_rng_buffer_names]
 
 
 class AdapterModule(nn.Module):
@@ -87,8 +106,10 @@ class Tuner(ABC):
 
     can_merge: ClassVar[bool] = False  # whether merge()/unmerge() are implemented
 
-    def __init__(self, config: PeftConfig) -> None:
+    def __init__(self, config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
         self.config = config
+        #: The adapter's name (peft's ``adapter_name``); a model can carry several adapters of one method.
+        self.adapter_name = adapter_name
         #: ``requires_grad`` of every parameter before injection (``remove_adapter(restore_requires_grad=True)``).
         self.requires_grad_before: dict[str, bool] = {}
         #: The root's forward pre-hook that advances the dropout RNG, when the tuner advances it itself.
@@ -186,6 +207,7 @@ class Tuner(ABC):
                 param.requires_grad_(self.requires_grad_before.get(name, param.requires_grad))
         self.set_rng_advance_on_forward(model, False)
         model.__dict__.pop(_TUNER_ATTR, None)
+        model.__dict__.pop(_ADAPTERS_ATTR, None)
         for module in model.modules():
             module.__dict__.pop(_ADAPTED_BY_ATTR, None)
 
@@ -204,8 +226,8 @@ class Tuner(ABC):
 class ModuleReplacementTuner(Tuner):
     """A tuner that swaps target modules for :class:`AdapterLayer` instances."""
 
-    def __init__(self, config: PeftConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__(config, adapter_name)
         self.layer_names: list[str] = []  # where the adapter layers are, set by inject()
 
     @abstractmethod
@@ -218,10 +240,15 @@ class ModuleReplacementTuner(Tuner):
 
     def inject(self, model: nn.Module) -> None:
         replacements = self.build_replacements(model)  # may raise: nothing changed yet
-        for name, layer in replacements.items():  # plain setattr swaps: these do not fail
+        self.inject_replacements(model, replacements)
+        self.layer_names = sorted(replacements)
+
+    @staticmethod
+    def inject_replacements(model: nn.Module, replacements: dict[str, AdapterLayer]) -> None:
+        """Put each layer in place of the module of its name (plain setattr swaps: these do not fail)."""
+        for name, layer in replacements.items():
             layer.train(model.get_submodule(name).training)  # an eval-mode model stays dropout-free
             _set_submodule(model, name, layer)
-        self.layer_names = sorted(replacements)
 
     def unload(self, model: nn.Module) -> None:
         for name in self.layer_names:
@@ -234,13 +261,13 @@ class ModuleReplacementTuner(Tuner):
         return [(name, model.get_submodule(name)) for name in self.layer_names]
 
     def adapter_parameter_names(self, model: nn.Module) -> list[str]:
-        return [f"{name}.{p}" for name, layer in self.layers(model) for p in layer.adapter_parameter_names]
+        return [f"{name}.{p}" for name, layer in self.layers(model) for p in layer.adapter_parameter_names_of(self.adapter_name)]
 
     def adapter_buffer_names(self, model: nn.Module) -> list[str]:
-        return [f"{name}.{b}" for name, layer in self.layers(model) for b in layer.adapter_buffer_names]
+        return [f"{name}.{b}" for name, layer in self.layers(model) for b in layer.adapter_buffer_names_of(self.adapter_name)]
 
     def dropout_rng_buffers(self, model: nn.Module) -> list[torch.Tensor]:
-        return [getattr(layer, b) for _, layer in self.layers(model) for b in layer.dropout_rng_buffer_names]
+        return [buf for _, layer in self.layers(model) for buf in layer.dropout_rng_buffers_of(self.adapter_name)]
 
     def to_peft_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # peft wraps the base layer ("<layer>.base_layer.bias"); our layers own weight/bias directly.
@@ -259,8 +286,39 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def get_tuner(model: nn.Module) -> Optional[Tuner]:
-    """The tuner that adapted ``model``, or None."""
+    """The tuner of ``model``'s active adapter, or None."""
     return model.__dict__.get(_TUNER_ATTR)
+
+
+class AdapterSet:
+    """The named adapters of one model (kept on its root), one tuner each; which one is active.
+
+    LoRA adapters all live in the model at once (their layers hold one branch per adapter). Methods
+    whose layers hold a single adapter keep only the active one in the model; the others are
+    *parked*: their tensors are kept here and put back when they become active.
+    """
+
+    def __init__(self, tuners: dict[str, Tuner]) -> None:
+        self.tuners = tuners
+        #: Adapter state (``adapter_state_dict``) of parked adapters, by name.
+        self.parked: dict[str, dict[str, torch.Tensor]] = {}
+        #: ``modules_to_save`` parameters of inactive adapters, by name (each adapter trains its own copy).
+        self.saved_modules: dict[str, dict[str, torch.Tensor]] = {}
+
+    def live(self) -> list[Tuner]:
+        """The tuners whose adapters are in the model now."""
+        return [t for name, t in self.tuners.items() if name not in self.parked]
+
+
+def get_adapter_set(model: nn.Module) -> Optional[AdapterSet]:
+    """The named adapters of ``model`` (one, ``"default"`` or the given name, unless more were added), or None."""
+    tuner = get_tuner(model)
+    if tuner is None:
+        return None
+    adapters = model.__dict__.get(_ADAPTERS_ATTR)
+    if adapters is None or tuner.adapter_name not in adapters.tuners:
+        adapters = model.__dict__[_ADAPTERS_ATTR] = AdapterSet({tuner.adapter_name: tuner})
+    return adapters
 
 
 def _modules_to_save_parameter_names(model: nn.Module, config: PeftConfig) -> list[str]:
@@ -282,7 +340,7 @@ def _modules_to_save_parameter_names(model: nn.Module, config: PeftConfig) -> li
     return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
 
 
-def inject_adapter(model: nn.Module, config: PeftConfig, *, advance_rng_on_forward: bool = True) -> Tuner:
+def inject_adapter(model: nn.Module, config: PeftConfig, *, adapter_name: str = DEFAULT_ADAPTER, advance_rng_on_forward: bool = True) -> Tuner:
     """Adapt ``model`` in place with the method ``config`` describes and freeze everything else.
 
     Afterwards exactly the adapter parameters, ``modules_to_save`` and the method's extra
@@ -291,6 +349,8 @@ def inject_adapter(model: nn.Module, config: PeftConfig, *, advance_rng_on_forwa
     Args:
         model: any ``nn.Module`` (a transformers model, a plain module, a LightningModule's net).
         config: a method config, e.g. ``LoraConfig``.
+        adapter_name: the adapter's name (more can be added with
+            :func:`~lightning_peft.tuners.named_adapters.add_adapter`).
         advance_rng_on_forward: advance the adapters' dropout RNG offset at each training-mode
             forward of ``model`` (a pre-hook on the root). Pass False when the caller advances
             it itself once per step (the Lightning callback does).
@@ -319,9 +379,26 @@ def inject_adapter(model: nn.Module, config: PeftConfig, *, advance_rng_on_forwa
             "lightning_peft.lightning.apply_peft(self) in configure_model before fully_shard (or build the model in "
             "__init__ and let PEFTCallback inject it), or call get_peft_model / inject_adapter before fully_shard"
         )
-    tuner = _TUNER_CLASSES[config.peft_type](config)
+    check_adapter_name(adapter_name)
+    tuner = tuner_class(config)(config, adapter_name)
     tuner.attach(model, advance_rng_on_forward=advance_rng_on_forward)
     return tuner
+
+
+def tuner_class(config: PeftConfig) -> type[Tuner]:
+    """The tuner class of ``config``'s method."""
+    if config.peft_type not in _TUNER_CLASSES:
+        raise ValueError(f"no tuner registered for peft_type {config.peft_type!r}")
+    return _TUNER_CLASSES[config.peft_type]
+
+
+def check_adapter_name(name: object) -> None:
+    """Raise ValueError unless ``name`` can name an adapter (it becomes part of parameter names)."""
+    if not isinstance(name, str) or not name or "." in name or name == "__base__" or not name.isprintable() or " " in name:
+        raise ValueError(
+            f"adapter name {name!r} cannot be used: it must be a non-empty string without '.' or spaces (it becomes part "
+            "of parameter names), and '__base__' is reserved for rows without an adapter in adapter_names"
+        )
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -379,11 +456,12 @@ def advance_dropout_rng(model: nn.Module) -> None:
     checkpoints, so a resumed run draws exactly the masks the uninterrupted run would have.
     Recomputation under activation checkpointing does not advance them, so it replays the mask.
     """
-    tuner = get_tuner(model)
-    if tuner is None:
+    adapters = get_adapter_set(model)
+    if adapters is None:
         return
-    for buf in tuner.dropout_rng_buffers(model):
-        buf[1:].add_(1)
+    for tuner in adapters.live():  # every adapter: a mixed batch trains several at once
+        for buf in tuner.dropout_rng_buffers(model):
+            buf[1:].add_(1)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

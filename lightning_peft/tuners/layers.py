@@ -19,13 +19,13 @@ from __future__ import annotations
 import warnings
 from abc import abstractmethod
 from contextlib import contextmanager
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
 
 from lightning_peft.tuners.config import LayerTargetsConfig
-from lightning_peft.tuners.injection import AdapterLayer, ModuleReplacementTuner
+from lightning_peft.tuners.injection import DEFAULT_ADAPTER, AdapterLayer, ModuleReplacementTuner, _set_submodule
 from lightning_peft.tuners.targets import check_target_types, matched_targets, narrow_targets, no_target_message
 
 __all__ = [
@@ -60,8 +60,8 @@ class BaseLayerAdapter(AdapterLayer):
         base: the layer being adapted; its Parameters become this layer's (same objects, so tied
             weights stay tied and base state-dict keys do not change).
 
-    ``merged``: the adapter is folded into ``weight`` (forward then runs the base computation
-    only). ``adapter_enabled``: False inside ``disable_adapter()``. Subclasses per base layer kind
+    ``merged_adapters``: the adapters folded into ``weight`` (``merged``: any; forward then runs the
+    base computation for them). ``adapter_enabled``: False inside ``disable_adapter()``. Subclasses per base layer kind
     implement :meth:`base_forward` with the owned Parameters (never through the stored base module,
     whose attributes a wrapper such as FSDP does not update).
     """
@@ -73,10 +73,23 @@ class BaseLayerAdapter(AdapterLayer):
         super().__init__()
         self.weight: nn.Parameter = base.weight
         self.bias = getattr(base, "bias", None)
-        self.merged = False
+        self.merged_adapters: list[str] = []
         self.adapter_enabled = True
         # Kept out of the module tree (no duplicate state-dict entries); handed back by restore_base().
         self.__dict__["_base_layer"] = base
+
+    @property
+    def merged(self) -> bool:
+        """Whether an adapter is folded into ``weight``."""
+        return bool(self.merged_adapters)
+
+    @merged.setter
+    def merged(self, value: bool) -> None:  # single-adapter layers merge as a whole
+        self.merged_adapters = [self.merge_target(None)] if value else []
+
+    def merge_target(self, adapter: Optional[str]) -> str:
+        """The adapter :meth:`merge` folds in when given ``adapter`` (None: the layer's only / active one)."""
+        return adapter or getattr(self, "active_adapter", None) or DEFAULT_ADAPTER
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output for ``x``, computed with this layer's ``weight`` / ``bias``."""
@@ -90,6 +103,12 @@ class BaseLayerAdapter(AdapterLayer):
         """The adapter's settings for ``repr`` (e.g. ``"r=8, scaling=2"``)."""
         return ""
 
+    def remove_adapter(self, adapter: str) -> bool:
+        """Forget adapter ``adapter`` (merged weights stay merged); True if the layer holds no adapter any more."""
+        if adapter in self.merged_adapters:
+            self.merged_adapters.remove(adapter)
+        return True
+
     def restore_base(self) -> nn.Module:
         base = self.__dict__["_base_layer"]
         base.weight, base.bias = self.weight, self.bias  # in case .to() replaced the Parameters
@@ -97,8 +116,8 @@ class BaseLayerAdapter(AdapterLayer):
 
     # ---- merging (methods with can_merge = True implement delta_weight)
 
-    def delta_weight(self) -> torch.Tensor:
-        """What merging adds to ``weight``, laid out like ``weight``."""
+    def delta_weight(self, adapter: Optional[str] = None) -> torch.Tensor:
+        """What merging adapter ``adapter`` (None: the active one) adds to ``weight``, laid out like ``weight``."""
         raise TypeError(f"{type(self).__name__} cannot be merged into the base weight")
 
     def _compute_dtype(self) -> torch.dtype:
@@ -107,9 +126,9 @@ class BaseLayerAdapter(AdapterLayer):
         return torch.float32 if half and self.weight.device.type == "cpu" else self.weight.dtype
 
     @torch.no_grad()
-    def check_mergeable(self) -> None:
+    def check_mergeable(self, adapter: Optional[str] = None) -> None:
         """Raise ValueError if merging would write NaN/inf into ``weight`` (writes nothing)."""
-        merged = (self.weight.to(self._compute_dtype()) + self.delta_weight()).to(self.weight.dtype)
+        merged = (self.weight.to(self._compute_dtype()) + self.delta_weight(self.merge_target(adapter))).to(self.weight.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError(
                 f"merging the {type(self).__name__} layer ({self.extra_repr()}) would put NaN/inf into its weight "
@@ -120,18 +139,20 @@ class BaseLayerAdapter(AdapterLayer):
         """Raise ValueError if :meth:`unmerge` cannot restore the base weight (writes nothing)."""
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into ``weight``. No-op if merged."""
-        if not self.merged:
-            self.weight.copy_((self.weight.to(self._compute_dtype()) + self.delta_weight()).to(self.weight.dtype))
-            self.merged = True
+    def merge(self, adapter: Optional[str] = None) -> None:
+        """Fold adapter ``adapter`` (None: the active one) into ``weight``. No-op if it is merged."""
+        adapter = self.merge_target(adapter)
+        if adapter not in self.merged_adapters:
+            self.weight.copy_((self.weight.to(self._compute_dtype()) + self.delta_weight(adapter)).to(self.weight.dtype))
+            self.merged_adapters.append(adapter)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the adapter from ``weight`` again. No-op if not merged."""
-        if self.merged:
-            self.weight.copy_((self.weight.to(self._compute_dtype()) - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
+        """Subtract every merged adapter from ``weight`` again (last merged first). No-op if none is."""
+        while self.merged_adapters:
+            adapter = self.merged_adapters[-1]
+            self.weight.copy_((self.weight.to(self._compute_dtype()) - self.delta_weight(adapter)).to(self.weight.dtype))
+            self.merged_adapters.pop()
 
 
 class LinearAdapterLayer(BaseLayerAdapter):
@@ -205,8 +226,8 @@ class LayerReplacementTuner(ModuleReplacementTuner):
     #: The bitsandbytes layer kinds (``"4bit"``, ``"8bit"``) the method can adapt; others are refused.
     quantized_kinds: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: LayerTargetsConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: LayerTargetsConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__(config, adapter_name)
         self.can_merge = False  # type: ignore[misc]  # every injected layer can be merged (set by inject)
 
     def default_targets(self, model: nn.Module) -> list[str]:
@@ -223,11 +244,12 @@ class LayerReplacementTuner(ModuleReplacementTuner):
         if cfg.target_modules is None:
             names, what = self.default_targets(model), f"the default targets of {self.config.method_name}"
         else:
-            names, what = matched_targets(model, cfg.target_modules, LINEAR_TYPES), None
+            names, what = matched_targets(model, cfg.target_modules, LINEAR_TYPES + self.extendable_linear_types), None
         names = narrow_targets(model, names, cfg)
         if not names:
             raise ValueError(no_target_message(model, cfg, self.layer_types, what))
-        check_target_types(model, names, self.layer_types, method=self.config.method_name, hint="Name the layers inside them instead")
+        check_target_types(model, names, self.layer_types + self.extendable_layer_types, method=self.config.method_name,
+                           hint="Name the layers inside them instead")
         self.check_quantized_targets(model, names)
         return names
 
@@ -241,8 +263,8 @@ class LayerReplacementTuner(ModuleReplacementTuner):
 
         for name in names:
             module = model.get_submodule(name)
-            if not is_quantized_linear(module):
-                continue
+            if isinstance(module, self.extendable_layer_types) or not is_quantized_linear(module):
+                continue  # (a layer of this method already, for another named adapter: checked when it was made)
             kind = bnb_kind(module)
             if kind is None:
                 raise TypeError(
@@ -257,15 +279,59 @@ class LayerReplacementTuner(ModuleReplacementTuner):
                 )
 
     def build_replacements(self, model: nn.Module) -> dict[str, AdapterLayer]:
+        """New layers for the targets; targets that already are layers of this method (another named adapter's)
+        are only checked here, and get this adapter added by :meth:`inject`."""
         replacements = {}
+        self._extensions = {}
         for name in self.target_names(model):
             base = model.get_submodule(name)
+            if isinstance(base, self.extendable_layer_types):
+                self.check_extendable(name, base)
+                self._extensions[name] = base
+                continue
             if getattr(cfg := self.config, "fan_in_fan_out", False) and isinstance(base, nn.Linear):
                 warnings.warn(f"{type(cfg).__name__}.fan_in_fan_out=True but {name} is an nn.Linear ([out, in] weight); "
                               "ignoring it (it is set automatically for transformers Conv1D layers)")
             replacements[name] = self.make_layer(name, base)
-        self.can_merge = all(layer.can_merge for layer in replacements.values())  # type: ignore[misc]
+        layers = list(replacements.values()) + list(self._extensions.values())
+        self.can_merge = all(layer.can_merge for layer in layers)  # type: ignore[misc]
         return replacements
+
+    def inject(self, model: nn.Module) -> None:
+        replacements = self.build_replacements(model)  # may raise: nothing changed yet
+        extended: list[BaseLayerAdapter] = []
+        try:
+            for name, layer in self._extensions.items():
+                self.extend_layer(name, layer)
+                extended.append(layer)
+        except BaseException:
+            for layer in extended:
+                layer.remove_adapter(self.adapter_name)
+            raise
+        super().inject_replacements(model, replacements)
+        self.layer_names = sorted(set(replacements) | set(self._extensions))
+        self._extensions = {}
+
+    def unload(self, model: nn.Module) -> None:
+        """Take this adapter out of its layers; a layer left without adapters gives its base back."""
+        for name in self.layer_names:
+            layer = model.get_submodule(name)
+            if isinstance(layer, BaseLayerAdapter) and layer.remove_adapter(self.adapter_name):
+                _set_submodule(model, name, layer.restore_base())
+
+    # ---- several named adapters on one layer (methods whose layers can hold them override these)
+
+    #: Layer classes of this method that a further named adapter is added to, instead of replacing them.
+    extendable_layer_types: ClassVar[tuple[type, ...]] = ()
+    #: Those of them that stand in for linear layers (matched by ``target_modules="all-linear"``).
+    extendable_linear_types: ClassVar[tuple[type, ...]] = ()
+
+    def check_extendable(self, name: str, layer: BaseLayerAdapter) -> None:
+        """Raise if this adapter cannot be added to ``layer`` (which holds other adapters); changes nothing."""
+
+    def extend_layer(self, name: str, layer: BaseLayerAdapter) -> None:
+        """Add this adapter to ``layer``, which already holds other named adapters."""
+        raise NotImplementedError
 
     def adapter_layers(self, model: nn.Module) -> list[BaseLayerAdapter]:
         return [layer for _, layer in self.layers(model)]  # type: ignore[misc]
@@ -273,11 +339,12 @@ class LayerReplacementTuner(ModuleReplacementTuner):
     def merge(self, model: nn.Module) -> None:
         if not self.can_merge:
             super().merge(model)
-        layers = [layer for layer in self.adapter_layers(model) if not layer.merged]
+        adapter = self.adapter_name
+        layers = [layer for layer in self.adapter_layers(model) if adapter not in layer.merged_adapters]
         for layer in layers:  # check all first, so a bad adapter leaves every weight untouched
-            layer.check_mergeable()
+            layer.check_mergeable(adapter)
         for layer in layers:
-            layer.merge()
+            layer.merge(adapter)
 
     def unmerge(self, model: nn.Module) -> None:
         if not self.can_merge:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Literal, Optional, Union
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from lightning_peft.ops import lora_linear
 from lightning_peft.quantization import is_quantized_linear
 from lightning_peft.tuners.config import LayerTargetsConfig, register_config
-from lightning_peft.tuners.injection import register_tuner
+from lightning_peft.tuners.injection import DEFAULT_ADAPTER, register_tuner
 from lightning_peft.tuners.layers import LINEAR_TYPES, BaseLayerAdapter, LayerReplacementTuner, LinearAdapterLayer
 from lightning_peft.tuners.lora_branch import LoraBranch
 from lightning_peft.tuners.lora_conv import LoraConv, check_conv_supported
@@ -98,80 +99,129 @@ class LoraConfig(LayerTargetsConfig):
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+def _grouped(x, weight, bias, lora_as, lora_bs, *, scalings, dropout_ps, rngs, adapter_index, training):
+    # TEMPORARY reference until the grouped op lands: per adapter, the single op on its rows.
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    base_rows = (adapter_index < 0).nonzero().flatten()
+    if base_rows.numel():
+        y = y.index_copy(0, base_rows, nn.functional.linear(x[base_rows], weight, bias))
+    for j in range(len(lora_as)):
+        rows = (adapter_index == j).nonzero().flatten()
+        if rows.numel():
+            part = lora_linear(x[rows], weight, bias, lora_as[j], lora_bs[j], scaling=scalings[j], dropout_p=dropout_ps[j], rng=rngs[j], training=training)
+            y = y.index_copy(0, rows, part)
+    return y
+
+
 class LoraLinear(LoraBranch, LinearAdapterLayer):
-    """A linear layer with a LoRA update, in place of ``nn.Linear`` / ``Conv1D``.
+    """A linear layer with LoRA updates (one per named adapter), in place of ``nn.Linear`` / ``Conv1D``.
 
     Args:
         base: the layer being adapted; its ``weight`` (and ``bias``) become this layer's.
+        adapter: the first adapter's name; further ones come with :meth:`add_adapter`.
         r, scaling, dropout_p: rank, multiplier, branch dropout probability.
         init: ``True`` / ``"gaussian"`` / ``False`` / PiSSA / OLoRA (see :class:`LoraConfig`).
-        seed: key of this layer's dropout masks.
+        seed: key of this adapter's dropout masks on this layer.
 
     Input ``[*, in_features]``, output ``[*, out_features]``.
     """
 
-    def __init__(self, base: nn.Module, *, r: int, scaling: float, dropout_p: float, init: Union[bool, str], seed: int) -> None:
+    def __init__(self, base: nn.Module, *, adapter: str = DEFAULT_ADAPTER, r: int, scaling: float, dropout_p: float,
+                 init: Union[bool, str], seed: int) -> None:
         super().__init__(base)
+        self.init_branches()
+        self.add_adapter(adapter, r=r, scaling=scaling, dropout_p=dropout_p, init=init, seed=seed)
+
+    def add_adapter(self, adapter: str, *, r: int, scaling: float, dropout_p: float, init: Union[bool, str], seed: int) -> None:
+        """Add adapter ``adapter``'s branch (A ``[r, in]``, B ``[out, r]``)."""
         factory = {"device": self.weight.device, "dtype": self.branch_dtype()}
         principal = is_principal_init(init)
-        self.add_branch(nn.Linear(self.in_features, r, bias=False, **factory), nn.Linear(r, self.out_features, bias=False, **factory),
+        self.add_branch(adapter, nn.Linear(self.in_features, r, bias=False, **factory), nn.Linear(r, self.out_features, bias=False, **factory),
                         r=r, scaling=scaling, dropout_p=dropout_p, init=False if principal else init, seed=seed)
         if principal:
-            self._init_from_base(init)
+            self._init_from_base(adapter, init)
+
+    def remove_adapter(self, adapter: str) -> bool:
+        super().remove_adapter(adapter)
+        self.delete_branch(adapter)
+        for kept in ("lora_A_initial", "lora_B_initial"):
+            getattr(self, kept, {}).pop(adapter, None)
+        return not self.r
 
     @torch.no_grad()
-    def _init_from_base(self, init: str) -> None:
+    def _init_from_base(self, adapter: str, init: str) -> None:
         """PiSSA / OLoRA: A and B from the base weight, which keeps the residual (see ``lora_init``)."""
-        a, b = principal_factors(self.base_weight(), self.r, self.scaling, init)
-        self.lora_A.weight.copy_(a)
-        self.lora_B.weight.copy_(b)
-        self.base_weight().copy_(self.base_weight().to(a.dtype) - self.scaling * (b @ a))
+        lora_a, lora_b, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+        a, b = principal_factors(self.base_weight(), self.r[adapter], scaling, init)
+        lora_a.copy_(a)
+        lora_b.copy_(b)
+        self.base_weight().copy_(self.base_weight().to(a.dtype) - scaling * (b @ a))
         # the starting point, for saving as a plain LoRA of the original weights (not saved itself)
-        self.register_buffer("lora_A_initial", self.lora_A.weight.detach().clone(), persistent=False)
-        self.register_buffer("lora_B_initial", self.lora_B.weight.detach().clone(), persistent=False)
+        if not hasattr(self, "lora_A_initial"):
+            self.lora_A_initial: dict[str, torch.Tensor] = {}
+            self.lora_B_initial: dict[str, torch.Tensor] = {}
+        self.lora_A_initial[adapter], self.lora_B_initial[adapter] = lora_a.detach().clone(), lora_b.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.adapter_active():
+        rows = self.mixed_rows(x)
+        if rows is not None:
+            return self.mixed_forward(x, rows)
+        adapter = self.branch_to_apply()
+        if adapter is None:
             return self.base_forward(x)
-        return self.lora_op(x, self.bias)
+        return self.lora_op(x, self.bias, adapter)
 
-    def lora_op(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """``x Wᵀ + bias + scaling · dropout(x) Aᵀ Bᵀ`` through the LoRA op, ``[*, out]``."""
-        weight, lora_a, lora_b = self.base_weight(), self.lora_A.weight, self.lora_B.weight
+    def _cast_for_op(self, x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
         # Custom ops are invisible to autocast: cast like autocast would cast a linear.
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
-        x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
-        bias = bias.to(dtype) if bias is not None else None
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.weight.dtype
+        return [t.to(dtype) if t is not None else None for t in (x, *tensors)]
+
+    def lora_op(self, x: torch.Tensor, bias: Optional[torch.Tensor], adapter: Optional[str] = None) -> torch.Tensor:
+        """``x Wᵀ + bias + scaling · dropout(x) Aᵀ Bᵀ`` of adapter ``adapter`` (None: the active one) through the LoRA op, ``[*, out]``."""
+        adapter = adapter or self.active_adapter
+        x, weight, bias, lora_a, lora_b = self._cast_for_op(x, self.base_weight(), bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
         return lora_linear(
             x, weight, bias, lora_a, lora_b,
-            scaling=self.scaling, dropout_p=self.dropout_p, rng=self.lora_rng, training=self.training,
+            scaling=self.scaling[adapter], dropout_p=self.dropout_p[adapter], rng=self.lora_rng[adapter], training=self.training,
+        )
+
+    def mixed_forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A mixed batch: row ``i`` of ``x`` (leading dim) through adapter ``adapter_names[rows[i]]`` (-1: the base), one grouped op call."""
+        adapters = self.adapter_names
+        x, weight, bias, *factors = self._cast_for_op(
+            x, self.base_weight(), self.bias, *(self.lora_A[a].weight for a in adapters), *(self.lora_B[a].weight for a in adapters))
+        return _grouped(
+            x, weight, bias, factors[:len(adapters)], factors[len(adapters):],
+            scalings=[self.scaling[a] for a in adapters], dropout_ps=[self.dropout_p[a] for a in adapters],
+            rngs=[self.lora_rng[a] for a in adapters], adapter_index=rows, training=self.training,
         )
 
     def branch_dtype(self) -> torch.dtype:
         """The dtype new LoRA factors get: the base weight's (a quantized base overrides it)."""
         return self.weight.dtype
 
-    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """The LoRA term alone, ``scaling · dropout(x) Aᵀ Bᵀ`` ``[*, out]``, through the LoRA op without a base weight.
-
-        In the factors' dtype (autocast's under autocast); for layers whose base output comes from elsewhere.
-        """
-        lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
+    def lora_branch(self, x: torch.Tensor, adapter: Optional[str] = None) -> torch.Tensor:
+        """The LoRA term alone of adapter ``adapter`` (None: the active one), ``scaling · dropout(x) Aᵀ Bᵀ`` ``[*, out]``,
+        through the LoRA op without a base weight; in the factors' dtype (autocast's under autocast). For layers whose
+        base output comes from elsewhere."""
+        adapter = adapter or self.active_adapter
+        lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else lora_a.dtype
         x, lora_a, lora_b = (t.to(dtype) for t in (x, lora_a, lora_b))
         return lora_linear(
             x, None, None, lora_a, lora_b,
-            scaling=self.scaling, dropout_p=self.dropout_p, rng=self.lora_rng, training=self.training,
+            scaling=self.scaling[adapter], dropout_p=self.dropout_p[adapter], rng=self.lora_rng[adapter], training=self.training,
         )
 
     @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling · B A`` laid out like ``weight`` (fp32 math for half-precision weights on CPU)."""
-        a, b = self.lora_A.weight, self.lora_B.weight
+    def delta_weight(self, adapter: Optional[str] = None) -> torch.Tensor:
+        """``scaling · B A`` of adapter ``adapter`` (None: the active one) laid out like ``weight``
+        (fp32 math for half-precision weights on CPU)."""
+        adapter = adapter or self.active_adapter
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         compute_dtype = torch.float32 if (a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16)) else a.dtype
-        delta = (b.to(compute_dtype) @ a.to(compute_dtype)) * self.scaling  # [out, in]
+        delta = (b.to(compute_dtype) @ a.to(compute_dtype)) * self.scaling[adapter]  # [out, in]
         return delta.t() if self.fan_in_fan_out else delta
-
 
 
 @register_tuner("LORA")
@@ -207,8 +257,7 @@ class LoraTuner(LayerReplacementTuner):
     def make_layer(self, name: str, base: nn.Module) -> BaseLayerAdapter:
         cfg = self.config
         if isinstance(base, nn.Embedding):
-            return LoraEmbedding(base, r=cfg.r, scaling=cfg.scaling, init=cfg.init_lora_weights)
-        seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: seed it for reproducible masks
+            return LoraEmbedding(base, adapter=self.adapter_name, r=cfg.r, scaling=cfg.scaling, init=cfg.init_lora_weights)
         from lightning_peft.tuners.dora import DoraLinear  # dora.py builds on LoraLinear, defined above
 
         kind = LoraConv if isinstance(base, (nn.Conv1d, nn.Conv2d)) else DoraLinear if cfg.use_dora else LoraLinear
@@ -216,7 +265,66 @@ class LoraTuner(LayerReplacementTuner):
             from lightning_peft.tuners.lora_quantized import QuantizedDoraLinear, QuantizedLoraLinear
 
             kind = QuantizedDoraLinear if cfg.use_dora else QuantizedLoraLinear
-        return kind(base, r=cfg.r, scaling=cfg.scaling, dropout_p=cfg.lora_dropout, init=cfg.init_lora_weights, seed=seed)
+        return kind(base, adapter=self.adapter_name, **self._branch_settings())
+
+    def _branch_settings(self) -> dict:
+        cfg = self.config
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: seed it for reproducible masks
+        return dict(r=cfg.r, scaling=cfg.scaling, dropout_p=cfg.lora_dropout, init=cfg.init_lora_weights, seed=seed)
+
+    # ---- a further named adapter on layers that already hold LoRA adapters
+
+    @property
+    def extendable_layer_types(self) -> tuple[type, ...]:  # type: ignore[override]
+        return (LoraLinear, LoraConv, LoraEmbedding)
+
+    @property
+    def extendable_linear_types(self) -> tuple[type, ...]:  # type: ignore[override]
+        return (LoraLinear,)
+
+    def check_extendable(self, name: str, layer: BaseLayerAdapter) -> None:
+        from lightning_peft.tuners.dora import DoraLinear
+
+        assert isinstance(layer, LoraBranch)
+        if self.adapter_name in layer.r:
+            raise ValueError(f"{name} already has an adapter named {self.adapter_name!r}")
+        if self.config.use_dora or isinstance(layer, DoraLinear):
+            raise ValueError(
+                f"{name} already holds LoRA adapter(s) {layer.adapter_names}; a layer with DoRA holds a single adapter, so "
+                f"adapter {self.adapter_name!r} (use_dora={self.config.use_dora}) cannot be added to it. Give it other "
+                "target_modules, or use plain LoRA (use_dora=False) for every adapter that shares layers"
+            )
+        if is_principal_init(self.config.init_lora_weights):
+            raise ValueError(
+                f"init_lora_weights={self.config.init_lora_weights!r} changes the base weight of {name}, which adapter(s) "
+                f"{layer.adapter_names} were trained on; use it only for a model's first adapter (or init_lora_weights=True)"
+            )
+        if layer.merged:
+            raise ValueError(f"{name} has adapter(s) {layer.merged_adapters} merged into its weight; unmerge_adapter() before adding one")
+
+    def extend_layer(self, name: str, layer: BaseLayerAdapter) -> None:
+        layer.add_adapter(self.adapter_name, **self._branch_settings())  # type: ignore[operator]
+
+    def set_active(self, model: nn.Module, active: bool) -> None:
+        """Make this adapter the one its layers apply (``active``), or let the layers it shares go to no adapter."""
+        for _, layer in self.layers(model):
+            if active:
+                layer.set_active_adapter(self.adapter_name)
+            elif layer.active_adapter == self.adapter_name:
+                layer.set_active_adapter(None)
+
+    def to_peft_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # peft's files leave the adapter name out of the keys: "<layer>.lora_A.weight"
+        return super().to_peft_state_dict(model, {self._file_key(k): v for k, v in state.items()})
+
+    def from_peft_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = super().from_peft_state_dict(model, state)
+        ours = {self._file_key(k): k for k in self.adapter_parameter_names(model)}
+        return {ours.get(k, k): v for k, v in state.items()}
+
+    def _file_key(self, key: str) -> str:
+        """Our key of this adapter's tensor without the adapter name after the branch's module name (peft's file key)."""
+        return re.sub(rf"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.{re.escape(self.adapter_name)}(?=\.|$)", r".\1", key)
 
     def extra_trainable_parameter_names(self, model: nn.Module) -> list[str]:
         if self.config.bias == "all":
@@ -238,8 +346,11 @@ class LoraTuner(LayerReplacementTuner):
                 f"init_lora_weights={cfg.init_lora_weights!r}); save it without path_initial_model_for_weight_conversion"
             )
         state = dict(state)
+        adapter = self.adapter_name
         for name, layer in self.layers(model):
-            a, b = to_plain_lora(layer.lora_A.weight, layer.lora_B.weight, layer.lora_A_initial, layer.lora_B_initial)
-            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a.detach(), b.detach()
+            a, b = to_plain_lora(layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+                                 layer.lora_A_initial[adapter], layer.lora_B_initial[adapter])
+            state[f"{name}.lora_A.{adapter}.weight"], state[f"{name}.lora_B.{adapter}.weight"] = a.detach(), b.detach()
         alpha = cfg.lora_alpha * (math.sqrt(2) if cfg.use_rslora else 2)  # the same scaling at twice the rank
         return state, dataclasses.replace(cfg, r=2 * cfg.r, lora_alpha=alpha, init_lora_weights=True)
+

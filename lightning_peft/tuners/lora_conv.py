@@ -13,11 +13,12 @@ the LoRA op's, so a resumed run repeats them; on a GPU the key is read on the ho
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from lightning_peft.tuners.injection import DEFAULT_ADAPTER
 from lightning_peft.tuners.layers import ConvAdapterLayer
 from lightning_peft.tuners.lora_branch import LoraBranch
 
@@ -60,27 +61,49 @@ class LoraConv(LoraBranch, ConvAdapterLayer):
         seed: key of this layer's dropout masks.
     """
 
-    def __init__(self, base: nn.Module, *, r: int, scaling: float, dropout_p: float, init: Union[bool, str], seed: int) -> None:
+    def __init__(self, base: nn.Module, *, adapter: str = DEFAULT_ADAPTER, r: int, scaling: float, dropout_p: float,
+                 init: Union[bool, str], seed: int) -> None:
         super().__init__(base)
+        self.kernel_args = (base.kernel_size, base.stride, base.padding)
+        self.init_branches()
+        self.add_adapter(adapter, r=r, scaling=scaling, dropout_p=dropout_p, init=init, seed=seed)
+
+    def add_adapter(self, adapter: str, *, r: int, scaling: float, dropout_p: float, init: Union[bool, str], seed: int) -> None:
+        """Add adapter ``adapter``'s branch (A a conv ``in -> r`` with the base's kernel, B a 1x1 conv ``r -> out``)."""
         conv = _CONV_BY_DIMS[self.weight.dim()]
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         ones = (1,) * (self.weight.dim() - 2)  # lora_B: a 1x1 convolution
-        self.add_branch(conv(self.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False, **factory),
+        self.add_branch(adapter, conv(self.in_channels, r, *self.kernel_args, bias=False, **factory),
                         conv(r, self.out_channels, ones, ones, bias=False, **factory),
                         r=r, scaling=scaling, dropout_p=dropout_p, init=init, seed=seed)
 
+    def remove_adapter(self, adapter: str) -> bool:
+        super().remove_adapter(adapter)
+        self.delete_branch(adapter)
+        return not self.r
+
+    def branch_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """Adapter ``adapter``'s term ``scaling · B(A(dropout(x)))``, ``[N, out, *spatial]``."""
+        if self.training and self.dropout_p[adapter] > 0:
+            x = _keyed_dropout(x, self.dropout_p[adapter], self.lora_rng[adapter])
+        lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+        return lora_b(lora_a(x.to(lora_a.weight.dtype))) * self.scaling[adapter]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)
-        if not self.adapter_active():
+        rows = self.mixed_rows(x)
+        if rows is not None:
+            for adapter, picked in self.iter_branch_rows(rows):
+                out = out.index_add(0, picked, self.branch_forward(x[picked], adapter).to(out.dtype))
             return out
-        if self.training and self.dropout_p > 0:
-            x = _keyed_dropout(x, self.dropout_p, self.lora_rng)
-        return out + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(out.dtype) * self.scaling
+        adapter = self.branch_to_apply()
+        return out if adapter is None else out + self.branch_forward(x, adapter).to(out.dtype)
 
     @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling · B ∘ A`` ``[out, in, *kernel]`` (fp32 math for half precision on CPU)."""
-        a, b = self.lora_A.weight, self.lora_B.weight
+    def delta_weight(self, adapter: Optional[str] = None) -> torch.Tensor:
+        """``scaling · B ∘ A`` of adapter ``adapter`` (None: the active one), ``[out, in, *kernel]`` (fp32 math for half
+        precision on CPU)."""
+        adapter = adapter or self.active_adapter
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         dtype = torch.float32 if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16) else a.dtype
-        return torch.einsum("or,ri...->oi...", b.to(dtype).flatten(1), a.to(dtype)) * self.scaling
-
+        return torch.einsum("or,ri...->oi...", b.to(dtype).flatten(1), a.to(dtype)) * self.scaling[adapter]

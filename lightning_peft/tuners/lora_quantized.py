@@ -18,6 +18,7 @@ only up to two requantisations (as in peft).
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -93,28 +94,36 @@ class QuantizedLoraLinear(_QuantizedBase, LoraLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_forward(x)
-        if not self.adapter_active():
+        rows = self.mixed_rows(x)
+        if rows is not None:  # a mixed batch: each row's own adapter's term on its rows
+            for adapter, picked in self.iter_branch_rows(rows):
+                result = result.index_add(0, picked, self.lora_branch(x[picked], adapter).to(result.dtype))
             return result
-        return result + self.lora_branch(x).to(result.dtype)
+        adapter = self.branch_to_apply()
+        return result if adapter is None else result + self.lora_branch(x, adapter).to(result.dtype)
 
     @torch.no_grad()
-    def check_mergeable(self) -> None:
-        if not torch.isfinite(self.base_weight().float() + self.delta_weight().float()).all():
+    def check_mergeable(self, adapter: Optional[str] = None) -> None:
+        if not torch.isfinite(self.base_weight().float() + self.delta_weight(self.merge_target(adapter)).float()).all():
             raise ValueError(f"merging the {type(self).__name__} layer ({self.extra_repr()}) would put NaN/inf into its weight; nothing was merged")
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """``W <- Q(deq(W) + s B A)`` in fp32. No-op if merged."""
-        if not self.merged:
-            self._store_dense(self.base_weight().float() + self.delta_weight().float(), "merging into")
-            self.merged = True
+    def merge(self, adapter: Optional[str] = None) -> None:
+        """``W <- Q(deq(W) + s B A)`` in fp32 for adapter ``adapter`` (None: the active one). No-op if it is merged."""
+        adapter = self.merge_target(adapter)
+        if adapter not in self.merged_adapters:
+            self._store_dense(self.base_weight().float() + self.delta_weight(adapter).float(), "merging into")
+            self.merged_adapters.append(adapter)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """``W <- Q(deq(W) - s B A)`` in fp32. No-op if not merged."""
-        if self.merged:
-            self._store_dense(self.base_weight().float() - self.delta_weight().float(), "unmerging from")
-            self.merged = False
+        """``W <- Q(deq(W) - Σ s B A)`` in fp32 over every merged adapter (one requantisation). No-op if none is."""
+        if self.merged_adapters:
+            dense = self.base_weight().float()
+            for adapter in reversed(self.merged_adapters):
+                dense = dense - self.delta_weight(adapter).float()
+            self._store_dense(dense, "unmerging from")
+            self.merged_adapters.clear()
 
 
 class QuantizedDoraLinear(_QuantizedBase, DoraLinear):
@@ -124,16 +133,19 @@ class QuantizedDoraLinear(_QuantizedBase, DoraLinear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixed_batch is not None:
+            return super().forward(x)  # DoraLinear's refusal of mixed batches
         result = self.base_forward(x)
-        if not self.adapter_active():
+        adapter = self.branch_to_apply()
+        if adapter is None:
             return result
         bias = self.bias.to(result.dtype) if self.bias is not None else None
         linear = result if bias is None else result - bias  # the bias is added after the scale
-        y = (linear + self.lora_branch(x).to(result.dtype)) * self.magnitude_scale().to(result.dtype)
+        y = (linear + self.lora_branch(x, adapter).to(result.dtype)) * self.magnitude_scale().to(result.dtype)
         return y if bias is None else y + bias
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, adapter: Optional[str] = None) -> None:
         """``W <- Q(c ⊙ (deq(W) + s B A))`` in fp32 with the current ``c``, kept for :meth:`unmerge`."""
         if not self.merged:
             self._store_dense(self.merged_weight(self.base_weight()), "merging into")

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.tuners.config import PeftConfig
-from lightning_peft.tuners.injection import AdapterModule, Tuner
+from lightning_peft.tuners.injection import DEFAULT_ADAPTER, AdapterModule, Tuner
 from lightning_peft.tuners.model_arch import find_transformers_model
 
 __all__ = [
@@ -262,8 +262,8 @@ class PromptLearningTuner(Tuner):
 
     config: PromptLearningConfig
 
-    def __init__(self, config: PromptLearningConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: PromptLearningConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__(config, adapter_name)
         self.target_name = ""  # the hooked module (owner of the virtual-token table), relative to the root
 
     @abstractmethod
