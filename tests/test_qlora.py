@@ -146,6 +146,26 @@ def test_biased_hand_quantized_layers_match_peft(quant, dora):
     assert len(names) == 2 * (3 if dora else 2)
 
 
+def test_named_adapters_and_mixed_batches_on_a_quantized_base_match_peft(saved_llama):
+    settings = dict(r=4, lora_alpha=8, init_lora_weights=False)
+    ours, theirs = twins(saved_llama, "nf4")
+    ours.add_adapter("b", LoraConfig(target_modules=["q_proj", "k_proj"], **settings))
+    theirs.add_adapter("b", peft.LoraConfig(target_modules=["q_proj", "k_proj"], **settings))
+    their_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, param in ours.base_model.named_parameters():
+            if ".b." in name:
+                their_params[_their_key(name)].copy_(param)
+    ours.eval(), theirs.eval()  # peft serves mixed batches in eval mode only
+    ids = random_ids(10, (3, 6))
+    rows = ["b", "__base__", "default"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids, adapter_names=rows).logits, theirs(input_ids=ids, adapter_names=rows).logits,
+                                   rtol=1e-5, atol=1e-5)
+        ours.set_adapter("b"), theirs.set_adapter("b")
+        torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-5, atol=1e-5)
+
+
 def _merge(model) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
