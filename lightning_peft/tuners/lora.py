@@ -220,6 +220,8 @@ class LoraTuner(LayerReplacementTuner):
         principal = is_principal_init(self.config.init_lora_weights)
         for name in names:  # before any layer is built: a refusal leaves the model untouched
             module = model.get_submodule(name)
+            if isinstance(module, LoraBranch):
+                continue  # another adapter's layer: check_extendable decides
             if isinstance(module, (nn.Conv1d, nn.Conv2d)):
                 check_conv_supported(name, module)
             if self.config.use_dora and not isinstance(module, LINEAR_TYPES):
