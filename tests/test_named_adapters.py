@@ -212,6 +212,14 @@ def test_merge_and_unload_of_chosen_adapters_matches_peft():
         torch.testing.assert_close(logits(merged_ours, **x), logits(merged_theirs, **x), rtol=1e-5, atol=1e-5)
 
 
+def test_all_linear_adapters_share_layers_and_never_adapt_each_others_branches():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=3, target_modules="all-linear"))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraBranch)}
+    assert len(layers) == 14 and all(m.adapter_names == ["a", "b"] for m in layers.values())  # 2 blocks x 7 linears
+    assert not any(".lora_A." in n or ".lora_B." in n for n in layers)
+
+
 def test_memory_of_more_adapters_is_only_their_weights():
     _, model, _ = twins("llama_gqa", names=("a",))
     before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
