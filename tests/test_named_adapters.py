@@ -8,11 +8,12 @@ import copy
 import peft
 import pytest
 import torch
-from models import MODEL_FACTORIES, random_ids, tiny_llama
+from models import MODEL_FACTORIES, random_ids, tiny_gpt2, tiny_llama
 
 from lightning_peft import LoraConfig, PeftModel, get_peft_model
 from lightning_peft.tuners.adapter import AdapterConfig
 from lightning_peft.tuners.lora_branch import LoraBranch
+from lightning_peft import BitFitConfig, IA3Config, PrefixTuningConfig
 from lightning_peft.tuners.prompt import PromptTuningConfig
 
 # Adapters that differ in rank, alpha, dropout and targets: "b" leaves some of "a"'s layers plain.
@@ -284,13 +285,20 @@ def test_mixed_batches_refuse_merged_adapters_and_methods_that_cannot_mix():
 @pytest.mark.parametrize("make_config", [
     lambda: AdapterConfig(target_modules=["down_proj"], bottleneck_size=4, init_weights=False),
     lambda: PromptTuningConfig(num_virtual_tokens=3),
-], ids=["bottleneck", "prompt"])
+    lambda: PrefixTuningConfig(num_virtual_tokens=2),
+    lambda: IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False),
+    lambda: BitFitConfig(),
+], ids=["bottleneck", "prompt", "prefix", "ia3", "bitfit"])
 def test_methods_with_one_live_adapter_switch_named_adapters(make_config, tmp_path):
-    """Bottleneck adapters / prompt tuning: several named adapters, each its own tensors, set_adapter switches,
-    and each saves and loads as its own directory."""
-    base = tiny_llama()
+    """Bottleneck adapters, prompt / prefix tuning, IA3, BitFit: several named adapters, each its own tensors,
+    set_adapter switches, and each saves and loads as its own directory."""
+    base = tiny_gpt2() if isinstance(make_config(), BitFitConfig) else tiny_llama()  # BitFit needs biases
     model = get_peft_model(copy.deepcopy(base), make_config(), adapter_name="x")
     model.eval()
+    with torch.no_grad():  # as if trained: "x" differs from its starting point (BitFit's is the base itself)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1)
     torch.manual_seed(3)
     model.add_adapter("y", make_config())
     ids = random_ids(1, (2, 5))
