@@ -365,3 +365,31 @@ def test_callback_trains_one_named_adapter_and_resumes_it_exactly(tmp_path):
     assert sorted(PeftModel(other.model).peft_config) == ["a", "b"]
     final = load_ckpt(tmp_path / "resumed" / "epoch=1.ckpt")["state_dict"]
     assert all(torch.equal(other.state_dict()[k], v) for k, v in final.items())
+
+
+def test_checkpoints_from_before_named_adapters_still_load_and_resume(tmp_path):
+    """Adapter checkpoints written when layers held one unnamed adapter (``q_proj.lora_A.weight``) load and resume."""
+    import re
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning_fixtures import LlamaModule, TokensData, load_ckpt, trainer_kwargs
+
+    from lightning_peft import PEFTCallback, load_peft_checkpoint
+
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[PEFTCallback(cfg, model_attr="model"),
+                                                                ModelCheckpoint(dirpath=tmp_path, filename="new")])).fit(
+        LlamaModule(), datamodule=TokensData())
+    ckpt = load_ckpt(tmp_path / "new.ckpt")
+    legacy = {re.sub(r"\.(lora_A|lora_B|lora_rng)\.default", r".\1", k): v for k, v in ckpt["state_dict"].items()}
+    assert legacy.keys() != ckpt["state_dict"].keys() and not any(".default" in k for k in legacy)
+    ckpt["state_dict"] = legacy
+    ckpt["lightning_peft"].pop("adapter_name")
+    torch.save(ckpt, tmp_path / "legacy.ckpt")
+    module = load_peft_checkpoint(LlamaModule(), tmp_path / "legacy.ckpt")
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in load_ckpt(tmp_path / "new.ckpt")["state_dict"].items())
+    resumed = LlamaModule()
+    Trainer(**trainer_kwargs(tmp_path / "r", max_epochs=2, callbacks=[PEFTCallback(cfg, model_attr="model")])).fit(
+        resumed, datamodule=TokensData(), ckpt_path=tmp_path / "legacy.ckpt")
+    assert int(resumed.model.model.layers[0].self_attn.q_proj.lora_rng.default[1]) == 8  # 4 steps restored + 4 more

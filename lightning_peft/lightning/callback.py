@@ -70,6 +70,7 @@ from lightning_peft.tuners.injection import (
     get_adapter_set,
     get_tuner,
     inject_adapter,
+    with_adapter_names,
 )
 from lightning_peft.tuners.named_adapters import add_adapter, set_adapter
 
@@ -364,7 +365,8 @@ class PEFTCallback(Callback):
             )
         if not self._adapter_keys:
             return
-        state = checkpoint["state_dict"]
+        # checkpoints from before layers held named adapters: their keys lack the adapter's name
+        state = checkpoint["state_dict"] = with_adapter_names(checkpoint["state_dict"], set(self._adapter_keys))
         missing = sorted(self._adapter_keys - set(state))
         unexpected = sorted(set(state) - self._model_keys)
         if missing or unexpected:
