@@ -34,12 +34,16 @@ import torch
 from torch import nn
 
 from lightning_peft.tuners.config import PeftConfig, config_from_dict
+from lightning_peft.serialization import adapter_made_active
 from lightning_peft.tuners.injection import (
+    DEFAULT_ADAPTER,
+    get_adapter_set,
     get_tuner,
     inject_adapter,
     load_adapter_state_dict,
     remove_adapter,
 )
+from lightning_peft.tuners.named_adapters import add_adapter, delete_adapter
 
 __all__ = [
     "CHECKPOINT_METADATA_KEY",
@@ -65,13 +69,15 @@ _DCP_METADATA = ".metadata"
 _STATE_PREFIX = "state_dict."  # DCP flattens {"state_dict": {key: tensor}} to "state_dict.<key>"
 
 
-def build_checkpoint_metadata(config: PeftConfig, model_attr: Optional[str], adapter_keys: list[str]) -> dict[str, Any]:
+def build_checkpoint_metadata(config: PeftConfig, model_attr: Optional[str], adapter_keys: list[str],
+                              adapter_name: str = DEFAULT_ADAPTER) -> dict[str, Any]:
     """The plain-dict record stored under ``checkpoint["lightning_peft"]``."""
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "peft_config": config.to_dict(),
         "model_attr": model_attr,
         "adapter_keys": sorted(adapter_keys),
+        "adapter_name": adapter_name,
     }
 
 
@@ -184,20 +190,26 @@ def load_peft_checkpoint(
         )
     adapter_state = {k[len(prefix):]: v for k, v in state.items()}
 
-    existing = get_tuner(target)
+    name = meta.get("adapter_name", DEFAULT_ADAPTER)
+    adapters = get_adapter_set(target)
+    existing = adapters.tuners.get(name) if adapters is not None else None
     if existing is not None and not same_config(existing.config, config):
         raise ValueError(
-            f"{type(target).__name__} already carries a different adapter ({existing.config}); the checkpoint's is "
-            f"{config}. Pass a fresh base model"
+            f"{type(target).__name__} already carries a different adapter named {name!r} ({existing.config}); the "
+            f"checkpoint's is {config}. Pass a fresh base model, or delete_adapter({name!r}) first"
         )
-    injected = existing is None
-    if injected:
-        inject_adapter(target, copy.deepcopy(config), advance_rng_on_forward=is_trainable)
+    if adapters is None:
+        inject_adapter(target, copy.deepcopy(config), adapter_name=name, advance_rng_on_forward=is_trainable)
+    elif existing is None:  # beside the adapters the model carries, not made active
+        add_adapter(target, name, copy.deepcopy(config))
     try:
-        load_adapter_state_dict(target, adapter_state)
+        with adapter_made_active(target, name if adapters is not None else None):
+            load_adapter_state_dict(target, adapter_state)
     except ValueError as err:
-        if injected:
+        if adapters is None:
             remove_adapter(target, restore_requires_grad=True)
+        elif existing is None:
+            delete_adapter(target, name)
         raise ValueError(f"{path}: {err}") from err
     if not is_trainable:
         model.eval()

@@ -35,7 +35,7 @@ CheckpointIO, so nothing here filters them: use ``DeepSpeedStrategy(exclude_froz
 (untested); ``strict_loading = False`` still lets the partial module state load on resume.
 
 This module only uses the method-agnostic functions of :mod:`lightning_peft.tuners`
-(``inject_adapter``, ``get_tuner``, ``adapter_state_dict``, ``advance_dropout_rng``), so every PEFT
+(``inject_adapter``, ``get_tuner``, ``adapter_state_dict``, the named-adapter functions), so every PEFT
 method works through it.
 """
 
@@ -63,7 +63,16 @@ from lightning_peft.lightning.checkpoint_io import AdapterCheckpointIO, AtomicCh
 from lightning_peft.lightning.fsdp2 import FSDP2AdapterCheckpoints, is_sharded
 from lightning_peft.peft_model import format_trainable_parameters
 from lightning_peft.tuners.config import PeftConfig, config_from_dict
-from lightning_peft.tuners.injection import adapter_state_dict, advance_dropout_rng, get_tuner, inject_adapter
+from lightning_peft.tuners.injection import (
+    DEFAULT_ADAPTER,
+    adapter_state_dict,
+    check_adapter_name,
+    get_adapter_set,
+    get_tuner,
+    inject_adapter,
+    with_adapter_names,
+)
+from lightning_peft.tuners.named_adapters import add_adapter, set_adapter
 
 __all__ = ["PEFTCallback", "apply_peft"]
 
@@ -96,6 +105,9 @@ class PEFTCallback(Callback):
         atomic_checkpoints: write checkpoint files atomically (replace Lightning's default
             ``TorchCheckpointIO`` with :class:`AtomicCheckpointIO`; a custom CheckpointIO is kept).
         verbose: report trainable vs total parameters at fit start (rank zero).
+        adapter_name: the adapter's name. A model that already carries named adapters (e.g. loaded with
+            ``load_adapter``) gets this one added beside them, or, if it has one of this name and config,
+            trains that one; either way only this adapter trains and checkpoints hold only it.
 
     Raises:
         TypeError: ``peft_config`` is not a PeftConfig.
@@ -121,6 +133,7 @@ class PEFTCallback(Callback):
         adapter_only_checkpoints: bool = True,
         atomic_checkpoints: bool = True,
         verbose: bool = True,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         if not isinstance(peft_config, PeftConfig):
             raise TypeError(
@@ -129,7 +142,9 @@ class PEFTCallback(Callback):
             )
         peft_config = copy.deepcopy(peft_config)
         peft_config.validate()  # bad settings fail here, not at the first fit
+        check_adapter_name(adapter_name)
         self.peft_config = peft_config
+        self.adapter_name = adapter_name
         self.model_attr = model_attr or None
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.atomic_checkpoints = atomic_checkpoints
@@ -206,9 +221,16 @@ class PEFTCallback(Callback):
     def _adapt(self, pl_module: pl.LightningModule, target: Any, stage: str) -> None:
         tuner = get_tuner(target)
         if tuner is None:
-            tuner = inject_adapter(target, copy.deepcopy(self.peft_config), advance_rng_on_forward=False)
+            tuner = inject_adapter(target, copy.deepcopy(self.peft_config), adapter_name=self.adapter_name, advance_rng_on_forward=False)
         else:
-            self._check_existing_adapter(tuner.config, stage)
+            adapters = get_adapter_set(target)
+            assert adapters is not None
+            if self.adapter_name in adapters.tuners:
+                self._check_existing_adapter(adapters.tuners[self.adapter_name].config, stage)
+            else:  # beside the adapters the model carries
+                add_adapter(target, self.adapter_name, copy.deepcopy(self.peft_config))
+            set_adapter(target, self.adapter_name)  # the active adapter, the only trainable one
+            tuner = get_tuner(target)
             # adapted elsewhere, maybe with forward-advancing RNG: this callback advances it once per step now
             tuner.set_rng_advance_on_forward(target, False)
         prefix = f"{self.model_attr}." if self.model_attr else ""
@@ -270,7 +292,7 @@ class PEFTCallback(Callback):
             return
         world, rank = _data_parallel_world_and_rank(trainer)
         if world == 1:
-            advance_dropout_rng(self._target)
+            _move_dropout_offsets(self._target, 1)  # the trained adapter's; others stay put (not in checkpoints)
             return
         # this step's offset for rank r: the canonical one moved by `world`, minus (world - 1 - r)
         self._rng_shift = rank - (world - 1)
@@ -312,7 +334,7 @@ class PEFTCallback(Callback):
             self._fsdp2.install()
 
     def _metadata(self) -> dict[str, Any]:
-        return build_checkpoint_metadata(self.peft_config, self.model_attr, sorted(self._adapter_keys))
+        return build_checkpoint_metadata(self.peft_config, self.model_attr, sorted(self._adapter_keys), self.adapter_name)
 
     def _filter_checkpoint(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
         """A copy of a Lightning checkpoint whose state dict holds only the adapter, plus our record."""
@@ -343,7 +365,8 @@ class PEFTCallback(Callback):
             )
         if not self._adapter_keys:
             return
-        state = checkpoint["state_dict"]
+        # checkpoints from before layers held named adapters: their keys lack the adapter's name
+        state = checkpoint["state_dict"] = with_adapter_names(checkpoint["state_dict"], set(self._adapter_keys))
         missing = sorted(self._adapter_keys - set(state))
         unexpected = sorted(set(state) - self._model_keys)
         if missing or unexpected:

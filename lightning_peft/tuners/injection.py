@@ -8,6 +8,7 @@ model untouched when anything fails, the adapter state dict, the dropout RNG off
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Callable, ClassVar, Iterator, Optional
@@ -484,6 +485,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     own = model.state_dict()
     expected = set(tuner.saved_parameter_names(model)) | set(tuner.adapter_buffer_names(model))
     optional = set(tuner.adapter_buffer_names(model))  # RNG state may be absent (e.g. peft files)
+    state = with_adapter_names(state, expected)
     missing = sorted(expected - set(state) - optional)
     unexpected = sorted(set(state) - expected)
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(set(state) & expected) if state[k].shape != own[k].shape]
@@ -502,6 +504,17 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)
+
+
+#: Per-adapter containers of LoRA layers: ``<layer>.<container>.<adapter>...`` since layers hold several adapters.
+_PER_ADAPTER = r"lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_rng"
+
+
+def with_adapter_names(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """``state`` with keys of checkpoints written before layers held named adapters (``q_proj.lora_A.weight``)
+    renamed to the ``expected`` keys they stand for (``q_proj.lora_A.default.weight``); other keys unchanged."""
+    legacy = {re.sub(rf"\.({_PER_ADAPTER})\.[^.]+(?=\.|$)", r".\1", k): k for k in expected}
+    return {legacy[k] if k not in expected and k in legacy and legacy[k] not in state else k: v for k, v in state.items()}
 
 
 def _few(items: list[str], limit: int = 6) -> str:

@@ -245,7 +245,9 @@ class LayerReplacementTuner(ModuleReplacementTuner):
             names, what = self.default_targets(model), f"the default targets of {self.config.method_name}"
         else:
             names, what = matched_targets(model, cfg.target_modules, LINEAR_TYPES + self.extendable_linear_types), None
-        names = narrow_targets(model, names, cfg)
+        # never the branches inside another adapter's layers (all-linear or a regex would match their nn.Linear)
+        inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AdapterLayer))
+        names = narrow_targets(model, [n for n in names if not n.startswith(inside)], cfg)
         if not names:
             raise ValueError(no_target_message(model, cfg, self.layer_types, what))
         check_target_types(model, names, self.layer_types + self.extendable_layer_types, method=self.config.method_name,

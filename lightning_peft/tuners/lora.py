@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_peft.ops import lora_linear
+from lightning_peft.ops.lora_grouped import lora_linear_grouped
 from lightning_peft.quantization import is_quantized_linear
 from lightning_peft.tuners.config import LayerTargetsConfig, register_config
 from lightning_peft.tuners.injection import DEFAULT_ADAPTER, register_tuner
@@ -99,20 +100,6 @@ class LoraConfig(LayerTargetsConfig):
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def _grouped(x, weight, bias, lora_as, lora_bs, *, scalings, dropout_ps, rngs, adapter_index, training):
-    # TEMPORARY reference until the grouped op lands: per adapter, the single op on its rows.
-    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    base_rows = (adapter_index < 0).nonzero().flatten()
-    if base_rows.numel():
-        y = y.index_copy(0, base_rows, nn.functional.linear(x[base_rows], weight, bias))
-    for j in range(len(lora_as)):
-        rows = (adapter_index == j).nonzero().flatten()
-        if rows.numel():
-            part = lora_linear(x[rows], weight, bias, lora_as[j], lora_bs[j], scaling=scalings[j], dropout_p=dropout_ps[j], rng=rngs[j], training=training)
-            y = y.index_copy(0, rows, part)
-    return y
-
-
 class LoraLinear(LoraBranch, LinearAdapterLayer):
     """A linear layer with LoRA updates (one per named adapter), in place of ``nn.Linear`` / ``Conv1D``.
 
@@ -190,8 +177,20 @@ class LoraLinear(LoraBranch, LinearAdapterLayer):
         adapters = self.adapter_names
         x, weight, bias, *factors = self._cast_for_op(
             x, self.base_weight(), self.bias, *(self.lora_A[a].weight for a in adapters), *(self.lora_B[a].weight for a in adapters))
-        return _grouped(
+        return lora_linear_grouped(
             x, weight, bias, factors[:len(adapters)], factors[len(adapters):],
+            scalings=[self.scaling[a] for a in adapters], dropout_ps=[self.dropout_p[a] for a in adapters],
+            rngs=[self.lora_rng[a] for a in adapters], adapter_index=rows, training=self.training,
+        )
+
+    def mixed_branches(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The LoRA terms alone of a mixed batch (row ``i``: adapter ``adapter_names[rows[i]]``, -1: none), ``[*, out]``,
+        through the grouped op without a base weight; in the factors' dtype (autocast's under autocast)."""
+        adapters = self.adapter_names
+        lora_as, lora_bs = [self.lora_A[a].weight for a in adapters], [self.lora_B[a].weight for a in adapters]
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else lora_as[0].dtype
+        return lora_linear_grouped(
+            x.to(dtype), None, None, [a.to(dtype) for a in lora_as], [b.to(dtype) for b in lora_bs],
             scalings=[self.scaling[a] for a in adapters], dropout_ps=[self.dropout_p[a] for a in adapters],
             rngs=[self.lora_rng[a] for a in adapters], adapter_index=rows, training=self.training,
         )
@@ -239,6 +238,8 @@ class LoraTuner(LayerReplacementTuner):
         principal = is_principal_init(self.config.init_lora_weights)
         for name in names:  # before any layer is built: a refusal leaves the model untouched
             module = model.get_submodule(name)
+            if isinstance(module, LoraBranch):
+                continue  # another adapter's layer: check_extendable decides
             if isinstance(module, (nn.Conv1d, nn.Conv2d)):
                 check_conv_supported(name, module)
             if self.config.use_dora and not isinstance(module, LINEAR_TYPES):

@@ -95,10 +95,8 @@ class QuantizedLoraLinear(_QuantizedBase, LoraLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_forward(x)
         rows = self.mixed_rows(x)
-        if rows is not None:  # a mixed batch: each row's own adapter's term on its rows
-            for adapter, picked in self.iter_branch_rows(rows):
-                result = result.index_add(0, picked, self.lora_branch(x[picked], adapter).to(result.dtype))
-            return result
+        if rows is not None:  # a mixed batch: each row's own adapter's term
+            return result + self.mixed_branches(x, rows).to(result.dtype)
         adapter = self.branch_to_apply()
         return result if adapter is None else result + self.lora_branch(x, adapter).to(result.dtype)
 
