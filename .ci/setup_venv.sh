@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 TORCH_PIN="torch==2.14.1"   # local CUDA 13.0 build: runs on CPU and lets nvcc build csrc/ (never let pip pick torch)
-STAMP=.venv/.lightning_peft_setup_v1
+STAMP=.venv/.lightning_peft_setup_v2  # bump when requirements-dev.txt changes
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
