@@ -74,7 +74,8 @@ def _forced(form: str, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def cases(k: int, d: int, n_adapters: int = 4, rank: int = 8, rows: int = 8, tokens: int = 128):
+def cases(k: int, d: int, n_adapters: int = 4, rank: int = 8, rows: int = 8, tokens: int = 128) -> dict:
+    """{group: ({variant: callable}, reference variant)} for one (K, D) shape."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, tokens, k, generator=g)
     w = torch.randn(d, k, generator=g) / k**0.5
@@ -84,7 +85,7 @@ def cases(k: int, d: int, n_adapters: int = 4, rank: int = 8, rows: int = 8, tok
     rngs = [torch.tensor([j + 1, 0]) for j in range(n_adapters)]
     index = torch.arange(rows) % n_adapters
     index = index[torch.randperm(rows, generator=g)]
-    scalings, kw = [2.0] * n_adapters, {}
+    scalings = [2.0] * n_adapters
 
     def grouped(p: float, training: bool, xx: torch.Tensor) -> torch.Tensor:
         return lora_grouped.lora_linear_grouped(
@@ -129,7 +130,7 @@ def cases(k: int, d: int, n_adapters: int = 4, rank: int = 8, rows: int = 8, tok
         "infer": ({"base": base, **{form: infer(form) for form in lora_grouped.FORMS}}, "base"),
         "infer/token": ({"base": base, **{form: infer(form, True) for form in ("stacked", "segmented")}}, "base"),
         "train": ({"single": train_single, "grouped": train_grouped, "loop": train_loop}, "single"),
-    }, kw
+    }
 
 
 def main() -> None:
@@ -146,7 +147,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock, {args.reps} rotations x {args.inner} calls; N = 8 x 128 tokens, 4 adapters r = 8")
     for k, d in SHAPES:
-        groups, _ = cases(k, d)
+        groups = cases(k, d)
         for label, (variants, ref) in groups.items():
             names = list(variants)
             for fn in variants.values():  # warm-up

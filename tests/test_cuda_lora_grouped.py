@@ -2,7 +2,7 @@
 
 Every test needs a GPU (skipped with reason "needs CUDA" elsewhere) and the compiled kernels: on
 a GPU machine a missing build is a failure, not a skip. The same checks run on the CPU against
-the emulated kernels in tests/test_cuda_grouped_emulation.py (``check_grouped_kernels`` is shared).
+the emulated kernels in tests/test_grouped_kernels_emulation.py (``check_grouped_kernels`` is shared).
 
 Tolerance: flash-attention's rule (tests/test_cuda_reference.py::assert_flash_rule): the kernels'
 error vs fp64 at most twice the PyTorch implementation's error in the same dtype. Dropout masks:
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_peft.ops import cuda_backend, lora_linear, lora_linear_grouped
 from lightning_peft.ops import lora_grouped as grouped
+from lightning_peft.ops import lora_grouped_cuda as grouped_cuda
 from test_cuda_reference import assert_flash_rule, fresh_seed
 
 single_module = importlib.import_module("lightning_peft.ops.lora_linear")
@@ -206,3 +207,54 @@ def test_kernels_and_fallback_agree_through_the_public_op(cuda_ops):
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-4, atol=1e-4)
     assert lora_linear_grouped(x, w, b, a_s, b_s, **kwargs).shape == (4, 96, 256)
+
+
+@gpu
+@pytest.mark.parametrize("drop_p,training", [(0.1, True), (0.0, True), (0.1, False)])
+def test_opcheck_on_cuda(cuda_ops, drop_p, training):
+    x, w, b, a_s, b_s, rngs, index = make_grouped_case((6, 9), 40, 24, (4, 9), [1, -1, 0, 1, 1, 0], torch.float32, "cuda", 3)
+    for t in (x, *a_s, *b_s):
+        t.requires_grad_(True)
+    args = (x, w, b, a_s, b_s, rngs, index, [1.0, 2.0], [drop_p] * 2, training)
+    torch.library.opcheck(torch.ops.lightning_peft.lora_grouped_forward.default, args)
+    y, hidden, order, offsets, mask, mask_sizes = torch.ops.lightning_peft.lora_grouped_forward(*args)
+    effective = [drop_p if training else 0.0] * 2
+    for compute_grad_x in (True, False):
+        torch.library.opcheck(
+            torch.ops.lightning_peft.lora_grouped_backward.default,
+            (torch.randn_like(y), x.detach(), w, [a.detach() for a in a_s], [t.detach() for t in b_s], hidden, order, offsets, mask,
+             mask_sizes, [1.0, 2.0], effective, compute_grad_x),
+        )
+
+
+@gpu
+def test_torch_compile_fullgraph_on_cuda(cuda_ops):
+    x, w, b, a_s, b_s, rngs, index = make_grouped_case((4, 32), 64, 48, (8, 16), [1, 0, -1, 1], torch.bfloat16, "cuda", 5)
+
+    def f(x, a0, a1, b0, b1):
+        y = lora_linear_grouped(x, w, b, [a0, a1], [b0, b1], scalings=[1.0, 0.5], dropout_ps=[0.1, 0.2], rngs=rngs, adapter_index=index, training=True)
+        return torch.nn.functional.gelu(y.float()).sum()
+
+    eager_in = [t.clone().requires_grad_(True) for t in (x, *a_s, *b_s)]
+    compiled_in = [t.clone().requires_grad_(True) for t in (x, *a_s, *b_s)]
+    torch._dynamo.reset()
+    out_c = torch.compile(f, fullgraph=True)(*compiled_in)
+    out_e = f(*eager_in)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-3, atol=1e-2)
+    out_c.backward()
+    out_e.backward()
+    for c, e in zip(compiled_in, eager_in):
+        torch.testing.assert_close(c.grad, e.grad, rtol=1e-2, atol=1e-2)
+
+
+@gpu
+def test_calls_outside_the_kernels_take_the_pytorch_path(cuda_ops):
+    """Rank 130 (> 128) and float64 inputs run the PyTorch implementation on CUDA, with the same results as on CPU."""
+    for ranks, dtype in (((130, 4), torch.float32), ((4, 6), torch.float64)):
+        x, w, b, a_s, b_s, rngs, index = make_grouped_case((4, 8), 40, 24, ranks, [1, 0, -1, 1], dtype, "cuda", 9)
+        assert not grouped_cuda.kernels_cover(x, a_s, b_s)
+        y = lora_linear_grouped(x, w, b, a_s, b_s, scalings=[1.0, 2.0], dropout_ps=[0.2, 0.1], rngs=rngs, adapter_index=index, training=True)
+        with packed_masks():
+            y_cpu = lora_linear_grouped(_cpu(x), _cpu(w), _cpu(b), [_cpu(a) for a in a_s], [_cpu(t) for t in b_s], scalings=[1.0, 2.0],
+                                        dropout_ps=[0.2, 0.1], rngs=[_cpu(r) for r in rngs], adapter_index=index, training=True)
+        torch.testing.assert_close(y.cpu(), y_cpu, rtol=1e-4, atol=1e-4)

@@ -2,7 +2,7 @@
 // compiler against the CPU emulation in cuda_emulation.h: registers
 // torch.ops.lightning_peft_grouped_emu.{lora_grouped_forward, lora_grouped_backward} for CPU
 // tensors, running the real kernel code (segment walk, Philox bits, tiling). For tests without a
-// GPU (tests/test_cuda_grouped_emulation.py); never part of the installed extension.
+// GPU (tests/test_grouped_kernels_emulation.py); never part of the installed extension.
 #ifndef LIGHTNING_PEFT_EMULATE
 #define LIGHTNING_PEFT_EMULATE 1
 #endif
