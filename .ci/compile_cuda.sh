@@ -31,7 +31,7 @@ from lightning_peft.ops import cuda_backend
 
 print(f"compile_cuda: torch {torch.__version__} (CUDA {torch.version.cuda}), {len(cuda_backend.source_files())} sources -> {sys.argv[1]}")
 cuda_backend.jit_build(sys.argv[1], verbose=False)
-for name in ("lora_forward", "lora_backward", "set_debug_options"):
+for name in ("lora_forward", "lora_backward", "set_debug_options", "lora_grouped_forward", "lora_grouped_backward"):
     print("  registered:", getattr(torch.ops.lightning_peft_cuda, name).default._schema)
 PYEOF
 echo "compile_cuda: OK in $(( $(date +%s) - start )) s (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"

@@ -8,6 +8,7 @@
 ``kernels``: one LoRA linear, frozen base linear (floor) vs peft-style eager vs ours (the
 ``lightning_peft::lora_linear_*`` ops) vs torch.compile'd eager, timed with
 ``torch.utils.benchmark`` (median, CUDA synchronised), plus the bytes autograd saves beyond x
+(and a batch mixing 4 adapters: the grouped op vs a loop of single-adapter ops, ``GroupedLora``)
 (counted with saved_tensors_hooks). The target config comes first and the run stops adding
 configs when ``--budget-s`` is spent; rows go to DIR/kernels.json as they are measured.
 ``profile``: device time per kernel of one fwd+bwd step at the target config (torch.profiler),
@@ -70,7 +71,9 @@ def grid(name: str) -> list[tuple[Case, tuple[str, ...]]]:
                 for r in (8, 16, 64) for p in (0.0, 0.1) for m in ("fwd", "fwdbwd")]
     plain = ("floor", "eager", "ours")
     # torch.compile last: its compile takes tens of seconds, so it runs only if that time is left
-    return [(target, plain), (replace(target, mode="fwd"), plain), (replace(target, p=0.0), plain),
+    mixed = ("grouped", "grouped_loop")  # a batch mixing 4 adapters (GroupedLora): one grouped op vs a loop of single ops
+    return [(target, plain), (target, mixed), (replace(target, p=0.0, mode="fwd"), ("floor", *mixed)),
+            (replace(target, mode="fwd"), plain), (replace(target, p=0.0), plain),
             (replace(target, r=64), plain), (replace(target, n=2048), plain), (replace(target, n=16384), plain),
             (replace(target, d=11008), plain), (replace(target, k=11008), plain), (replace(target, dtype="fp32"), plain),
             (target, ("compiled",))]
@@ -109,6 +112,35 @@ class OpLora(nn.Module):
                            scaling=ref.scaling, dropout_p=self.p, rng=self.rng, training=True)
 
 
+class GroupedLora(nn.Module):
+    """A batch of 8 rows mixing 4 adapters of rank r (rows [3, 0, 1, 2, 1, 3, 0, 2]): the grouped op
+    (``grouped``) or a Python loop of single-adapter op calls on each adapter's rows (``grouped_loop``)."""
+
+    def __init__(self, base: nn.Linear, r: int, p: float, loop: bool) -> None:
+        super().__init__()
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.base, self.p, self.loop = base, p, loop
+        self.a = nn.ParameterList([nn.Parameter(torch.randn(r, base.in_features, **factory) / base.in_features**0.5) for _ in range(4)])
+        self.b = nn.ParameterList([nn.Parameter(torch.randn(base.out_features, r, **factory) * 0.02) for _ in range(4)])
+        self.index = torch.tensor([3, 0, 1, 2, 1, 3, 0, 2])  # on the CPU: checked without a device sync
+        self.rngs = [torch.tensor([1234 + j, 0], dtype=torch.int64, device=factory["device"]) for j in range(4)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lightning_peft.ops import lora_linear, lora_linear_grouped
+
+        rows = x.view(8, -1, x.shape[-1])
+        if not self.loop:
+            y = lora_linear_grouped(rows, self.base.weight, self.base.bias, list(self.a), list(self.b), scalings=[2.0] * 4,
+                                    dropout_ps=[self.p] * 4, rngs=self.rngs, adapter_index=self.index, training=True)
+            return y.view(x.shape[0], -1)
+        y = rows.new_empty(8, rows.shape[1], self.base.out_features)
+        for j in range(4):
+            sel = (self.index == j).nonzero().flatten().to(x.device)
+            y = y.index_copy(0, sel, lora_linear(rows[sel], self.base.weight, self.base.bias, self.a[j], self.b[j], scaling=2.0,
+                                                 dropout_p=self.p, rng=self.rngs[j], training=True))
+        return y.view(x.shape[0], -1)
+
+
 def build(case: Case, impl: str):
     """(callable x -> y, x, the trainable parameters); random data everywhere (never zeros)."""
     dtype = DTYPES[case.dtype]
@@ -117,6 +149,9 @@ def build(case: Case, impl: str):
     x = torch.randn(case.n, case.k, device=case.device, dtype=dtype, requires_grad=case.mode == "fwdbwd")
     if impl == "floor":
         return base, x, []
+    if impl in ("grouped", "grouped_loop"):
+        mixed = GroupedLora(base, case.r, case.p, loop=impl == "grouped_loop")
+        return mixed, x, [*mixed.a, *mixed.b]
     lora = PeftStyleLora(base, case.r, case.p).train()
     params = [lora.lora_A.weight, lora.lora_B.weight]
     fn = {"eager": lora, "compiled": torch.compile(lora, dynamic=False), "ours": OpLora(lora, case.p)}[impl]

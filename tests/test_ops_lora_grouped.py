@@ -32,12 +32,16 @@ def mask_form(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["auto", "segmented", "stacked"])
+@pytest.fixture(params=["auto", *grouped_module.FORMS])
 def form(request, monkeypatch):
-    """The forward's form without dropout: as chosen by use_stacked, or forced either way."""
+    """The forward's form without dropout: as choose_form picks it, or forced to each one."""
     if request.param != "auto":
-        stacked = request.param == "stacked"
-        monkeypatch.setattr(grouped_module, "use_stacked", lambda ranks, active: stacked and not active and sum(ranks) > 0)
+
+        def forced(ranks, dropout_active, *shape):
+            # with dropout, or without adapters, the segmented form is the only one
+            return "segmented" if dropout_active or sum(ranks) == 0 else request.param
+
+        monkeypatch.setattr(grouped_module, "choose_form", forced)
     return request.param
 
 
@@ -253,6 +257,22 @@ def test_different_keys_give_different_masks_same_key_same_mask(mask_form):
     assert not torch.equal(first[4], other[4])
 
 
+@pytest.mark.parametrize(
+    "ranks,active,per_unit,k,d,expected",
+    [
+        ((8, 8, 8, 8), True, 128, 512, 512, "segmented"),  # dropout: each adapter masks its own copy
+        ((), False, 128, 512, 512, "segmented"),  # no adapters
+        ((8, 8, 8, 8), False, 128, 512, 512, "batched"),  # sequences: x and y never move
+        ((8, 16), False, 128, 512, 1536, "batched"),
+        ((8, 8, 8, 8), False, 1, 512, 512, "stacked"),  # per-token index, few small adapters
+        ((64, 64), False, 1, 512, 512, "segmented"),  # per-token index, stacked width too large
+        ((64, 64), False, 4, 512, 512, "segmented"),  # short units: the weight gather would cost more
+    ],
+)
+def test_choose_form(ranks, active, per_unit, k, d, expected):
+    assert grouped_module.choose_form(ranks, active, per_unit, k, d) == expected
+
+
 # ---- op registration -------------------------------------------------------------------------
 
 
@@ -271,7 +291,7 @@ def _opcheck_samples():
 
 
 @pytest.mark.parametrize("name,args", list(_opcheck_samples()), ids=[n for n, _ in _opcheck_samples()])
-def test_opcheck_forward(name, args, mask_form):
+def test_opcheck_forward(name, args, mask_form, form):
     x, w, b, a_s, b_s, *rest = args
     for t in (x, *a_s, *b_s):
         t.requires_grad_(True)

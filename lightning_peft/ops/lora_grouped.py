@@ -47,21 +47,29 @@ D out features, n adapters, r_j rank of adapter j, R = max r_j (0 without adapte
     grad_bs[j] ``[D, r_j]``: an adapter without rows gets zero gradients (not None), so that
     optimizers step every adapter the same way (weight decay and momentum included).
 
-The PyTorch implementation sorts the units by adapter (a stable sort; nothing moves when they are
-sorted already), gathers x into that order once (whole units: one memcpy per batch row), runs one
-GEMM pair per adapter on its contiguous segment, writing the LoRA term straight into the sorted
-output, then the base GEMM once over the whole batch accumulating onto it (beta = 1), and one
-gather puts the rows back. Without dropout (eval, or p = 0 everywhere) it may take the *stacked*
-form instead (:func:`use_stacked`): all adapters' A stacked into one ``[sum r, K]`` GEMM over the
-whole batch, the columns of other adapters zeroed per token, and one GEMM with the stacked,
-scaled B: no gathers, but GEMMs of width ``sum r`` instead of ``r_j``.
+The PyTorch implementation has three forms (:func:`choose_form` picks one from the shapes alone,
+so the fake implementation knows the outputs' layout too):
+
+* *segmented* (always with dropout): sort the units by adapter (a stable sort; nothing moves when
+  they are sorted already), gather x into that order once (whole units: one memcpy per batch
+  row), one GEMM pair per adapter on its contiguous segment writing the LoRA term straight into
+  the sorted output, the base GEMM once over the whole batch accumulating onto it (beta = 1), and
+  one gather puts the rows back;
+* *batched* (no dropout, units of many tokens: a per-row index over sequences): every unit takes
+  its adapter's zero-padded factors, two batched GEMMs (``bmm``), nothing moves;
+* *stacked* (no dropout, per-token index, few small adapters): all adapters' A stacked into one
+  ``[sum r, K]`` GEMM over the whole batch, the columns of other adapters zeroed per token, one
+  GEMM with the stacked, scaled B: no gathers, but GEMMs of width ``sum r`` instead of ``r_j``.
+
+CUDA tensors take the kernels of csrc/lora_grouped.cu when they are built
+(:mod:`lightning_peft.ops.lora_grouped_cuda`).
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -82,15 +90,20 @@ __all__ = [
     "backward_pytorch",
     "segments",
     "units_of",
-    "use_stacked",
+    "choose_form",
+    "FORMS",
+    "BATCHED_MIN_TOKEN_RATIO",
     "STACKED_MAX_RANK_SUM",
 ]
 
-# The stacked form's two GEMMs have width sum(r_j) over the whole batch where the segmented form
-# has width r_j per segment, but it saves gathering x (N·K), scattering into y (N·D) and one
-# pair of small GEMM launches per adapter. Measured on CPU (benchmarks/bench_cpu_grouped.py,
-# N = 1024 tokens, K = D = 512 and 512x1536, 4 adapters): see that script's docstring.
-STACKED_MAX_RANK_SUM = 256
+# Thresholds of choose_form. The batched form gathers R·(K + D) weights per unit to save moving
+# the unit's T·K inputs and T·D outputs; the stacked form's GEMMs have width sum(r_j) over the
+# whole batch where the others have r_j (or R), but it moves nothing. Measured on CPU
+# (benchmarks/bench_cpu_grouped.py, 8 rows x 128 tokens, 4 adapters r = 8, time / frozen base
+# forward, 1 thread, a loaded 2-core machine): per-row index, batched 1.09-1.19x, stacked
+# 1.15-1.27x, segmented 1.11-1.51x; per-token index, stacked 1.16-1.32x, segmented 1.12-1.36x.
+BATCHED_MIN_TOKEN_RATIO = 2
+STACKED_MAX_RANK_SUM = 64
 
 
 _NAME = "lora_linear_grouped"  # error messages name the public function
@@ -100,12 +113,19 @@ def _dropout_active(dropout_p: float, training: bool) -> bool:
     return training and dropout_p > 0.0
 
 
+def _require(ok: bool, message: Callable[[], str]) -> None:
+    """Raise ``RuntimeError(message())`` unless ``ok``: a plain check (``torch._check`` costs ~2 us a
+    call, and this op makes ~20 of them per call); the shapes it sees under compile are backed."""
+    if not ok:
+        raise RuntimeError(f"{_NAME}: {message()}")
+
+
 def _out_features(weight: Optional[Tensor], lora_bs: Sequence[Tensor], bias: Optional[Tensor]) -> int:
     if weight is not None:
         return weight.shape[0]
     if len(lora_bs) > 0:
         return lora_bs[0].shape[0]
-    torch._check(bias is not None, lambda: f"{_NAME}: with weight=None and no adapters, pass a bias to define the output size")
+    _require(bias is not None, lambda: "with weight=None and no adapters, pass a bias to define the output size")
     return bias.shape[0]
 
 
@@ -121,41 +141,37 @@ def _check_inputs(
     dropout_ps: Sequence[float],
 ) -> None:
     """Shapes, dtypes and list lengths (not the values of adapter_index: see :func:`_check_index_values`)."""
-    name = _NAME
     n = len(lora_as)
-    torch._check(
+    _require(
         len(lora_bs) == n and len(rngs) == n and len(scalings) == n and len(dropout_ps) == n,
-        lambda: f"{name}: lora_as, lora_bs, rngs, scalings and dropout_ps must have one entry per adapter, got lengths "
+        lambda: "lora_as, lora_bs, rngs, scalings and dropout_ps must have one entry per adapter, got lengths "
         f"{len(lora_as)}, {len(lora_bs)}, {len(rngs)}, {len(scalings)}, {len(dropout_ps)}",
     )
-    torch._check(x.dim() >= 2, lambda: f"{name}: x must be [B, *, K] (a batch dimension first), got {tuple(x.shape)}")
+    _require(x.dim() >= 2, lambda: f"x must be [B, *, K] (a batch dimension first), got {tuple(x.shape)}")
     k = x.shape[-1]
     d = _out_features(weight, lora_bs, bias)
     if weight is not None:
-        torch._check(weight.dim() == 2 and weight.shape[1] == k, lambda: f"{name}: weight must be [D, K={k}], got {tuple(weight.shape)}")
+        _require(weight.dim() == 2 and weight.shape[1] == k, lambda: f"weight must be [D, K={k}], got {tuple(weight.shape)}")
     if bias is not None:
-        torch._check(bias.dim() == 1 and bias.shape[0] == d, lambda: f"{name}: bias must be [D={d}], got {tuple(bias.shape)}")
+        _require(bias.dim() == 1 and bias.shape[0] == d, lambda: f"bias must be [D={d}], got {tuple(bias.shape)}")
     for j in range(n):
-        a, b = lora_as[j], lora_bs[j]
-        torch._check(a.dim() == 2 and a.shape[1] == k, lambda: f"{name}: lora_as[{j}] must be [r, K={k}], got {tuple(a.shape)}")
-        torch._check(
+        a, b, rng = lora_as[j], lora_bs[j], rngs[j]
+        _require(a.dim() == 2 and a.shape[1] == k, lambda: f"lora_as[{j}] must be [r, K={k}], got {tuple(a.shape)}")
+        _require(
             b.dim() == 2 and b.shape[0] == d and b.shape[1] == a.shape[0],
-            lambda: f"{name}: lora_bs[{j}] must be [D, r] = [{d}, {a.shape[0]}], got {tuple(b.shape)}",
+            lambda: f"lora_bs[{j}] must be [D, r] = [{d}, {a.shape[0]}], got {tuple(b.shape)}",
         )
-        torch._check(
-            rngs[j].dtype == torch.int64 and rngs[j].numel() == 2,
-            lambda: f"{name}: rngs[{j}] must be an int64 tensor of 2 elements (seed, offset)",
-        )
-        torch._check(0.0 <= dropout_ps[j] < 1.0, lambda: f"{name}: dropout_ps[{j}] must be in [0, 1), got {dropout_ps[j]}")
-    torch._check(
+        _require(rng.dtype == torch.int64 and rng.numel() == 2, lambda: f"rngs[{j}] must be an int64 tensor of 2 elements (seed, offset)")
+        _require(0.0 <= dropout_ps[j] < 1.0, lambda: f"dropout_ps[{j}] must be in [0, 1), got {dropout_ps[j]}")
+    _require(
         adapter_index.dtype == torch.int64 and adapter_index.dim() == 1,
-        lambda: f"{name}: adapter_index must be a 1-D int64 tensor (one entry per batch row), got "
+        lambda: "adapter_index must be a 1-D int64 tensor (one entry per batch row), got "
         f"{adapter_index.dtype} {tuple(adapter_index.shape)}; build it with torch.tensor(indices, dtype=torch.int64)",
     )
     rows, tokens = x.shape[0], math.prod(x.shape[:-1])
-    torch._check(
+    _require(
         adapter_index.shape[0] == rows or adapter_index.shape[0] == tokens,
-        lambda: f"{name}: adapter_index has {adapter_index.shape[0]} entries but x {tuple(x.shape)} has {rows} batch rows "
+        lambda: f"adapter_index has {adapter_index.shape[0]} entries but x {tuple(x.shape)} has {rows} batch rows "
         f"({tokens} tokens); give one adapter index per batch row",
     )
 
@@ -196,13 +212,28 @@ def segments(unit_index: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return order, offsets
 
 
-def use_stacked(ranks: Sequence[int], dropout_active: bool) -> bool:
-    """Whether the forward takes the stacked form (see the module docstring).
+FORMS = ("batched", "stacked", "segmented")
 
-    Only without dropout (with dropout every adapter sees its own masked copy of its rows anyway)
-    and while the stacked width ``sum(r_j)`` stays at most :data:`STACKED_MAX_RANK_SUM`.
+
+def choose_form(ranks: Sequence[int], dropout_active: bool, tokens_per_unit: int, k: int, d: int) -> str:
+    """The forward's form for these shapes (module docstring; measured in benchmarks/bench_cpu_grouped.py).
+
+    * ``"segmented"`` with dropout (each adapter needs its own masked copy of its rows anyway) or
+      without adapters;
+    * ``"batched"`` when each unit's tokens outweigh the adapter weights gathered for it:
+      ``T·K >= BATCHED_MIN_TOKEN_RATIO · R·(K + D)`` (a per-row index over sequences; never for a
+      per-token index, which would gather a weight copy per token);
+    * ``"stacked"`` when the stacked width ``sum r_j`` is at most :data:`STACKED_MAX_RANK_SUM`
+      (per-token indices with few, small adapters: it gathers nothing);
+    * ``"segmented"`` otherwise.
     """
-    return not dropout_active and 0 < sum(ranks) <= STACKED_MAX_RANK_SUM
+    if dropout_active or sum(ranks) == 0:
+        return "segmented"
+    if tokens_per_unit * k >= BATCHED_MIN_TOKEN_RATIO * max(ranks) * (k + d):
+        return "batched"
+    if sum(ranks) <= STACKED_MAX_RANK_SUM:
+        return "stacked"
+    return "segmented"
 
 
 class _Permutation:
@@ -249,6 +280,39 @@ def _draw_segment_mask(x_seg: Tensor, dropout_p: float, rng: Tensor) -> tuple[Te
         return dropped, encode_drop_positions(increments, n * k, rng)
     mask = philox_keep_mask(rng.to(x_seg.device), n, k, drop_threshold(dropout_p))
     return ~_single.unpack_mask(mask, k), mask
+
+
+def _forward_batched(
+    x2: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor],
+    unit_index: Tensor, tokens_per_unit: int, scalings: Sequence[float], order: Tensor, hidden: Tensor, d: int,
+) -> Tensor:
+    """The batched form: ``y [N, D]`` with each unit's own (zero-padded) factors in two batched GEMMs.
+
+    Every unit gathers its adapter's ``A [R, K]`` and scaled ``B [D, R]`` (a zero pair for base
+    units), so the LoRA GEMMs cost what the single op's do at rank R and x, y never move.
+    """
+    n, r_max, k = len(lora_as), hidden.shape[1], x2.shape[1]
+    units = unit_index.shape[0]
+    pad = torch.nn.functional.pad  # only for ranks below R (a copy each)
+    a_pad = [a if a.shape[0] == r_max else pad(a, (0, 0, 0, r_max - a.shape[0])) for a in lora_as]
+    b_pad = [b if b.shape[1] == r_max else pad(b, (0, r_max - b.shape[1])) for b in lora_bs]
+    # Each unit's factors, stacked straight from the list (slot n: the zero adapter of base units).
+    slots = [j if j >= 0 else n for j in unit_index.tolist()]
+    a_pad.append(x2.new_zeros((r_max, k)))
+    b_pad.append(x2.new_zeros((d, r_max)))
+    a_rows = torch.stack([a_pad[j] for j in slots])  # [U, R, K]
+    scale = torch.tensor([scalings[j] if j < n else 0.0 for j in slots], dtype=x2.dtype, device=x2.device)
+    b_rows = torch.stack([b_pad[j] for j in slots]).mul_(scale[:, None, None]).transpose(1, 2)  # [U, R, D], scaled
+    x3 = x2.view(units, tokens_per_unit, k)
+    # [R, K] x [K, T] per unit, then viewed [U, T, R]: the faster orientation on CPU BLAS (~1.4x)
+    h = torch.bmm(a_rows, x3.transpose(1, 2)).transpose(1, 2)
+    # The LoRA term first, then the base GEMM accumulates onto it (beta = 1), as in the single op.
+    y = torch.bmm(h, b_rows) if bias is None else torch.baddbmm(bias, h, b_rows)
+    y2 = y.view(-1, d)
+    if weight is not None:
+        y2.addmm_(x2, weight.t())
+    hidden.view(units, tokens_per_unit, r_max).copy_(h.index_select(0, order))  # sorted order, zero past r_j
+    return y2
 
 
 def _forward_stacked(
@@ -301,8 +365,10 @@ def forward_pytorch(
     mask_sizes = torch.zeros((n,), dtype=torch.int64, device=x.device)
     active = [_dropout_active(p, training) for p in dropout_ps]
     empty_mask = x.new_empty((0,), dtype=torch.uint8)
-    if use_stacked(ranks, any(active)):
-        y = _forward_stacked(x2, weight, bias, lora_as, lora_bs, unit_index, per_unit, scalings, order, hidden, d)
+    form = choose_form(ranks, any(active), per_unit, k, d)
+    if form != "segmented":
+        forward_form = _forward_batched if form == "batched" else _forward_stacked
+        y = forward_form(x2, weight, bias, lora_as, lora_bs, unit_index, per_unit, scalings, order, hidden, d)
         return y.view(*x.shape[:-1], d), hidden, order, offsets, empty_mask, mask_sizes
 
     positions = _single._uses_drop_positions(x.device)
