@@ -200,7 +200,8 @@ stage tests $([ $DRY = 1 ] && echo 600 || echo 130) 30 '
   exit $rc'
 
 # ------------------------------------------------------------------------------ sanitizers
-# The forced-split test of every kernel instantiation (tests/test_cuda_lora_op.py), one process,
+# The forced-split test of every kernel instantiation (tests/test_cuda_lora_op.py) and the grouped kernels'
+# fp64-reference cases (tests/test_cuda_lora_grouped.py), one process,
 # no caching allocator (each tensor its own allocation, so an overrun leaves it).
 sanitize() {  # sanitize NAME MAX TOOL PYTEST_K
   local name=$1 max=$2 tool=$3 k=$4
@@ -213,15 +214,16 @@ sanitize() {  # sanitize NAME MAX TOOL PYTEST_K
   TOOL=$tool K=$k stage "$name" "$max" 20 '
     log="$RES/$TOOL.log"
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$TOOL" --error-exitcode 1 --print-limit 20 \
-      "$PY" -m pytest tests/test_cuda_lora_op.py -q -p no:cacheprovider -k "$K" >"$log" 2>&1
+      "$PY" -m pytest tests/test_cuda_lora_op.py tests/test_cuda_lora_grouped.py -q -p no:cacheprovider -k "$K" >"$log" 2>&1
     rc=$?
     tail -12 "$log"
     if grep -q -E "Device not supported|device is not supported" "$log"; then exit 90; fi
     exit $rc'
 }
-sanitize memcheck 70 memcheck "walks_many_tiles"
-sanitize racecheck 40 racecheck "walks_many_tiles and bfloat16"
-sanitize synccheck 25 synccheck "walks_many_tiles and bfloat16"
+# the grouped (mixed-adapter) kernels: their fp64-reference cases, bf16 for the race / sync checks
+sanitize memcheck 70 memcheck "walks_many_tiles or grouped_kernels_match_fp64"
+sanitize racecheck 40 racecheck "(walks_many_tiles or grouped_kernels_match_fp64) and bfloat16"
+sanitize synccheck 25 synccheck "(walks_many_tiles or grouped_kernels_match_fp64) and bfloat16"
 
 # ------------------------------------------------------------------------------ benchmarks
 # Whatever time is left, the most telling first: the microbenchmark (target config first), the

@@ -56,11 +56,12 @@ class MixedBatch:
         return len(self.adapter_names)
 
     def index_for(self, layer_adapters: Sequence[str], device: torch.device) -> torch.Tensor:
-        """``int64 [B]``: each row's position in ``layer_adapters``, -1 where it has none."""
-        key = (tuple(layer_adapters), device)
+        """``int64 [B]`` (CPU): each row's position in ``layer_adapters``, -1 where it has none."""
+        # On the CPU whatever the layer's device: the grouped op's CUDA kernels read a host index without a sync.
+        key = (tuple(layer_adapters), torch.device("cpu"))
         if key not in self._cache:  # the same for every layer with the same adapters: computed once
             position = {name: i for i, name in enumerate(layer_adapters)}
-            self._cache[key] = torch.tensor([position.get(n, -1) for n in self.adapter_names], dtype=torch.int64, device=device)
+            self._cache[key] = torch.tensor([position.get(n, -1) for n in self.adapter_names], dtype=torch.int64)
         return self._cache[key]
 
     def rows_per_sample(self, leading_rows: int) -> int:
@@ -177,9 +178,9 @@ class LoraBranch:
         repeat = mixed.rows_per_sample(x.shape[0])
         return index if repeat == 1 else index.repeat_interleave(repeat)
 
-    def iter_branch_rows(self, index: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(adapter, rows)`` for each of this layer's adapters that some row uses (rows: ``int64`` positions)."""
+    def iter_branch_rows(self, index: torch.Tensor, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(adapter, rows)`` for each of this layer's adapters that some row uses (rows: ``int64`` positions on ``device``)."""
         for position, adapter in enumerate(self.adapter_names):
             rows = (index == position).nonzero().flatten()
             if rows.numel():
-                yield adapter, rows
+                yield adapter, rows.to(device)

@@ -93,7 +93,7 @@ class LoraConv(LoraBranch, ConvAdapterLayer):
         out = self.base_forward(x)
         rows = self.mixed_rows(x)
         if rows is not None:
-            for adapter, picked in self.iter_branch_rows(rows):
+            for adapter, picked in self.iter_branch_rows(rows, out.device):
                 out = out.index_add(0, picked, self.branch_forward(x[picked], adapter).to(out.dtype))
             return out
         adapter = self.branch_to_apply()

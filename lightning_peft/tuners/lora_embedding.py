@@ -68,7 +68,7 @@ class LoraEmbedding(LoraBranch, EmbeddingAdapterLayer):
         out = self.base_forward(ids)  # [*, dim]
         rows = self.mixed_rows(ids)
         if rows is not None:
-            for adapter, picked in self.iter_branch_rows(rows):
+            for adapter, picked in self.iter_branch_rows(rows, out.device):
                 out = out.index_add(0, picked, self.branch_forward(ids[picked], adapter).to(out.dtype))
             return out
         adapter = self.branch_to_apply()
