@@ -184,3 +184,14 @@ class LoraBranch:
             rows = (index == position).nonzero().flatten()
             if rows.numel():
                 yield adapter, rows.to(device)
+
+    def add_branch_terms(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out`` (the base output for ``x``) plus the branch term of the active adapter, or in a mixed batch each
+        row's own adapter's (layer kinds without a grouped op: one ``branch_forward`` per adapter on its rows)."""
+        rows = self.mixed_rows(x)
+        if rows is not None:
+            for adapter, picked in self.iter_branch_rows(rows, out.device):
+                out = out.index_add(0, picked, self.branch_forward(x[picked], adapter).to(out.dtype))
+            return out
+        adapter = self.branch_to_apply()
+        return out if adapter is None else out + self.branch_forward(x, adapter).to(out.dtype)

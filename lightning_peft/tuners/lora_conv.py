@@ -90,14 +90,7 @@ class LoraConv(LoraBranch, ConvAdapterLayer):
         return lora_b(lora_a(x.to(lora_a.weight.dtype))) * self.scaling[adapter]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
-        rows = self.mixed_rows(x)
-        if rows is not None:
-            for adapter, picked in self.iter_branch_rows(rows, out.device):
-                out = out.index_add(0, picked, self.branch_forward(x[picked], adapter).to(out.dtype))
-            return out
-        adapter = self.branch_to_apply()
-        return out if adapter is None else out + self.branch_forward(x, adapter).to(out.dtype)
+        return self.add_branch_terms(self.base_forward(x), x)
 
     @torch.no_grad()
     def delta_weight(self, adapter: Optional[str] = None) -> torch.Tensor:

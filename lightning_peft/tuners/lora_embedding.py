@@ -65,14 +65,7 @@ class LoraEmbedding(LoraBranch, EmbeddingAdapterLayer):
         return (hidden @ self.lora_embedding_B[adapter].t()) * self.scaling[adapter]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(ids)  # [*, dim]
-        rows = self.mixed_rows(ids)
-        if rows is not None:
-            for adapter, picked in self.iter_branch_rows(rows, out.device):
-                out = out.index_add(0, picked, self.branch_forward(ids[picked], adapter).to(out.dtype))
-            return out
-        adapter = self.branch_to_apply()
-        return out if adapter is None else out + self.branch_forward(ids, adapter)
+        return self.add_branch_terms(self.base_forward(ids), ids)  # [*, dim]
 
     @torch.no_grad()
     def delta_weight(self, adapter: Optional[str] = None) -> torch.Tensor:

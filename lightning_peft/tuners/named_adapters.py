@@ -77,7 +77,8 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 def active_adapter(model: nn.Module) -> str:
     """The name of the adapter forward applies and training trains."""
-    return _require_set(model) and model.__dict__[_TUNER_ATTR].adapter_name
+    _require_set(model)
+    return model.__dict__[_TUNER_ATTR].adapter_name
 
 
 def _apply_trainable(model: nn.Module, adapters: AdapterSet, trainable: Sequence[str]) -> None:
