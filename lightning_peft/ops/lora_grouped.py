@@ -309,7 +309,8 @@ class _TokenOrderDrops:
             self.flags.index_copy_(0, units_j, dropped.reshape(units_j.shape[0], -1))
             return
         # The positions are sorted (draw_drops' order): unit i's drops are one slice, moved by a
-        # scalar add (an int64 floor division per drop cost ~50 us per adapter and layer more).
+        # scalar add: 17 us against 65 us for a per-drop int64 floor division and gather
+        # (interleaved A/B, one adapter's 2 units x 256 tokens x 512 features, p = 0.1).
         step, targets = self.unit_numel, units_j.tolist()
         cuts = [0, *torch.searchsorted(dropped, torch.arange(1, len(targets), device=dropped.device) * step).tolist(), dropped.shape[0]]
         for i, unit in enumerate(targets):
