@@ -34,12 +34,12 @@ def mask_form(request, monkeypatch):
 
 @pytest.fixture(params=["auto", *grouped_module.FORMS])
 def form(request, monkeypatch):
-    """The forward's form without dropout: as choose_form picks it, or forced to each one."""
+    """The forward's (and backward's) form: as choose_form picks it, or forced to each one (stacked: without dropout)."""
     if request.param != "auto":
 
         def forced(ranks, dropout_active, *shape):
-            # with dropout, or without adapters, the segmented form is the only one
-            return "segmented" if dropout_active or sum(ranks) == 0 else request.param
+            # without adapters the segmented form is the only one; the stacked form has no dropout
+            return "segmented" if sum(ranks) == 0 or (dropout_active and request.param == "stacked") else request.param
 
         monkeypatch.setattr(grouped_module, "choose_form", forced)
     return request.param
@@ -195,7 +195,7 @@ def test_per_adapter_dropout_probabilities_and_keys(mask_form):
 
 
 @pytest.mark.parametrize("drop_p", [0.1, 0.3])
-def test_masks_are_the_single_ops_masks_bit_for_bit(drop_p, mask_form):
+def test_masks_are_the_single_ops_masks_bit_for_bit(drop_p, mask_form, form):
     x, w, b, a_s, b_s, rngs = make_case(lead=(6, 3))
     index = torch.tensor([2, -1, 0, 2, 1, 0])
     k = x.shape[-1]
@@ -214,7 +214,7 @@ def test_masks_are_the_single_ops_masks_bit_for_bit(drop_p, mask_form):
     assert not hidden[:3].any()  # the base row
 
 
-def test_all_base_rows_give_the_frozen_linear_and_zero_adapter_grads():
+def test_all_base_rows_give_the_frozen_linear_and_zero_adapter_grads(form):
     x, w, b, a_s, b_s, rngs = make_case()
     x_l, a_l, b_l = leaves(x, a_s, b_s)
     y = lora_linear_grouped(x_l, w, b, a_l, b_l, scalings=SCALINGS, dropout_ps=[0.3] * 3, rngs=rngs, adapter_index=torch.full((6,), -1), training=True)
@@ -236,7 +236,7 @@ def test_frozen_base_weight_and_bias_gradients_when_they_require_grad(mask_form)
     torch.testing.assert_close(gb, grad_y.reshape(-1, 13).sum(0), rtol=1e-12, atol=1e-12)
 
 
-def test_gradcheck_float64_with_dropout(mask_form):
+def test_gradcheck_float64_with_dropout(mask_form, form):
     x, w, b, a_s, b_s, rngs = make_case(lead=(4, 2), k=6, d=5, ranks=(2, 3))
     index = torch.tensor([1, -1, 0, 1])
 
@@ -260,7 +260,8 @@ def test_different_keys_give_different_masks_same_key_same_mask(mask_form):
 @pytest.mark.parametrize(
     "ranks,active,per_unit,k,d,expected",
     [
-        ((8, 8, 8, 8), True, 128, 512, 512, "segmented"),  # dropout: each adapter masks its own copy
+        ((8, 8, 8, 8), True, 128, 512, 512, "batched"),  # dropout on sequences: one masked copy of x
+        ((8, 8, 8, 8), True, 1, 512, 512, "segmented"),  # dropout, per-token index: each adapter masks its own copy
         ((), False, 128, 512, 512, "segmented"),  # no adapters
         ((8, 8, 8, 8), False, 128, 512, 512, "batched"),  # sequences: x and y never move
         ((8, 16), False, 128, 512, 1536, "batched"),

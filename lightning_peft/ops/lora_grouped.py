@@ -50,13 +50,16 @@ D out features, n adapters, r_j rank of adapter j, R = max r_j (0 without adapte
 The PyTorch implementation has three forms (:func:`choose_form` picks one from the shapes alone,
 so the fake implementation knows the outputs' layout too):
 
-* *segmented* (always with dropout): sort the units by adapter (a stable sort; nothing moves when
-  they are sorted already), gather x into that order once (whole units: one memcpy per batch
-  row), one GEMM pair per adapter on its contiguous segment writing the LoRA term straight into
-  the sorted output, the base GEMM once over the whole batch accumulating onto it (beta = 1), and
-  one gather puts the rows back;
-* *batched* (no dropout, units of many tokens: a per-row index over sequences): every unit takes
-  its adapter's zero-padded factors, two batched GEMMs (``bmm``), nothing moves;
+* *segmented* (dropout on a per-token index, or the shapes the others do not fit): sort the units
+  by adapter (a stable sort; nothing moves when they are sorted already), gather x into that order
+  once (whole units: one memcpy per batch row), one GEMM pair per adapter on its contiguous segment
+  writing the LoRA term straight into the sorted output, the base GEMM once over the whole batch
+  accumulating onto it (beta = 1), and one gather puts the rows back;
+* *batched* (units of many tokens: a per-row index over sequences, with or without dropout): every
+  unit takes its adapter's zero-padded factors, two batched GEMMs (``bmm``), nothing moves; with
+  dropout, each adapter's drops (drawn over its sub-batch, as the single op draws them) are moved
+  to token order and mask one copy of x, as the single op masks its own; the backward likewise
+  (per-unit ``bmm`` on x and grad_y in place, the units' factor gradients summed per adapter);
 * *stacked* (no dropout, per-token index, few small adapters): all adapters' A stacked into one
   ``[sum r, K]`` GEMM over the whole batch, the columns of other adapters zeroed per token, one
   GEMM with the stacked, scaled B: no gathers, but GEMMs of width ``sum r`` instead of ``r_j``.
@@ -218,19 +221,23 @@ FORMS = ("batched", "stacked", "segmented")
 def choose_form(ranks: Sequence[int], dropout_active: bool, tokens_per_unit: int, k: int, d: int) -> str:
     """The forward's form for these shapes (module docstring; measured in benchmarks/bench_cpu_grouped.py).
 
-    * ``"segmented"`` with dropout (each adapter needs its own masked copy of its rows anyway) or
-      without adapters;
+    * ``"segmented"`` without adapters;
     * ``"batched"`` when each unit's tokens outweigh the adapter weights gathered for it:
       ``T·K >= BATCHED_MIN_TOKEN_RATIO · R·(K + D)`` (a per-row index over sequences; never for a
-      per-token index, which would gather a weight copy per token);
+      per-token index, which would gather a weight copy per token), with or without dropout;
+    * ``"segmented"`` with dropout otherwise (each adapter needs its own masked copy of its rows anyway);
     * ``"stacked"`` when the stacked width ``sum r_j`` is at most :data:`STACKED_MAX_RANK_SUM`
       (per-token indices with few, small adapters: it gathers nothing);
     * ``"segmented"`` otherwise.
+
+    The backward takes the batched form for the shapes where the forward does (the others: segmented).
     """
-    if dropout_active or sum(ranks) == 0:
+    if sum(ranks) == 0:
         return "segmented"
     if tokens_per_unit * k >= BATCHED_MIN_TOKEN_RATIO * max(ranks) * (k + d):
         return "batched"
+    if dropout_active:
+        return "segmented"
     if sum(ranks) <= STACKED_MAX_RANK_SUM:
         return "stacked"
     return "segmented"
@@ -268,51 +275,155 @@ class _Permutation:
         return t2.reshape(self.units, -1).index_select(0, self._inverse).view(t2.shape)
 
 
-def _draw_segment_mask(x_seg: Tensor, dropout_p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
-    """The single op's dropout draw for the sub-batch ``x_seg [n_j, K]``: ``(dropped, mask)``.
+def _draw_segment_mask(n: int, k: int, device: torch.device, dropout_p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
+    """The single op's dropout draw for a sub-batch of ``n`` tokens ``[n, K]``: ``(dropped, mask)``.
 
     Same draw, same key, same layout as ``lora_linear._dropout_hidden``, so the mask is the one the
     single op would draw on this sub-batch.
     """
-    n, k = x_seg.shape
-    if _single._uses_drop_positions(x_seg.device):
+    if _single._uses_drop_positions(device):
         dropped, increments = draw_drops(n * k, dropout_p, rng)
         return dropped, encode_drop_positions(increments, n * k, rng)
-    mask = philox_keep_mask(rng.to(x_seg.device), n, k, drop_threshold(dropout_p))
+    mask = philox_keep_mask(rng.to(device), n, k, drop_threshold(dropout_p))
     return ~_single.unpack_mask(mask, k), mask
+
+
+class _TokenOrderDrops:
+    """Collects each adapter's drops (over its sub-batch, sorted order) as drops of ``[N, K]`` in token order.
+
+    A sub-batch's unit ``i`` is unit ``units_j[i]`` of the batch, ``T·K`` contiguous elements in
+    both, so the drop positions of unit ``i`` move by ``(units_j[i] - i)·TK``; bool drops (the
+    packed form) are copied unit by unit. :meth:`zero_` then masks a whole-batch tensor at once.
+    """
+
+    def __init__(self, units: int, unit_numel: int, device: torch.device) -> None:
+        self.units, self.unit_numel, self.device = units, unit_numel, device
+        self.positions: List[Tensor] = []
+        self.flags: Optional[Tensor] = None
+
+    def add(self, dropped: Tensor, units_j: Tensor) -> None:
+        """``dropped``: sorted int64 flat positions over the sub-batch (moved in place), or bool ``[n_j, K]``; ``units_j int64 [u_j]``."""
+        if dropped.dtype == torch.bool:
+            if self.flags is None:
+                self.flags = torch.zeros((self.units, self.unit_numel), dtype=torch.bool, device=self.device)
+            self.flags.index_copy_(0, units_j, dropped.reshape(units_j.shape[0], -1))
+            return
+        # The positions are sorted (draw_drops' order): unit i's drops are one slice, moved by a
+        # scalar add: 17 us against 65 us for a per-drop int64 floor division and gather
+        # (interleaved A/B, one adapter's 2 units x 256 tokens x 512 features, p = 0.1).
+        step, targets = self.unit_numel, units_j.tolist()
+        cuts = [0, *torch.searchsorted(dropped, torch.arange(1, len(targets), device=dropped.device) * step).tolist(), dropped.shape[0]]
+        for i, unit in enumerate(targets):
+            if unit != i and cuts[i] < cuts[i + 1]:
+                dropped[cuts[i] : cuts[i + 1]] += (unit - i) * step  # dropped is the caller's fresh tensor
+        self.positions.append(dropped)
+
+    def zero_(self, values: Tensor) -> Tensor:
+        """Zero the collected drops of the contiguous ``values [N, K]`` in place and return it."""
+        if self.flags is not None:
+            return values.masked_fill_(self.flags.view(values.shape), 0)
+        if self.positions:
+            values.view(-1).index_fill_(0, torch.cat(self.positions) if len(self.positions) > 1 else self.positions[0], 0)
+        return values
+
+
+def _unit_factors(
+    lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor], slots: List[int], scale: Tensor, r_max: int, like: Tensor, d: int,
+) -> tuple[Tensor, Tensor]:
+    """Each unit's zero-padded factors: ``(A [U, R, K], B [U, D, R] · scale[u])``; slot n is the zero adapter of base units."""
+    n, k = len(lora_as), like.shape[1]
+    pad = torch.nn.functional.pad  # only for ranks below R (a copy each)
+    a_pad = [a if a.shape[0] == r_max else pad(a, (0, 0, 0, r_max - a.shape[0])) for a in lora_as]
+    b_pad = [b if b.shape[1] == r_max else pad(b, (0, r_max - b.shape[1])) for b in lora_bs]
+    if n in slots:
+        a_pad.append(like.new_zeros((r_max, k)))
+        b_pad.append(like.new_zeros((d, r_max)))
+    a_rows = torch.stack([a_pad[j] for j in slots])
+    b_rows = torch.stack([b_pad[j] for j in slots]).mul_(scale[:, None, None])
+    return a_rows, b_rows
 
 
 def _forward_batched(
     x2: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor],
     unit_index: Tensor, tokens_per_unit: int, scalings: Sequence[float], order: Tensor, hidden: Tensor, d: int,
+    drops: Optional[_TokenOrderDrops] = None, keeps: Optional[Sequence[float]] = None,
 ) -> Tensor:
     """The batched form: ``y [N, D]`` with each unit's own (zero-padded) factors in two batched GEMMs.
 
     Every unit gathers its adapter's ``A [R, K]`` and scaled ``B [D, R]`` (a zero pair for base
-    units), so the LoRA GEMMs cost what the single op's do at rank R and x, y never move.
+    units), so the LoRA GEMMs cost what the single op's do at rank R and x, y never move. With
+    dropout (``drops``: every adapter's drops in token order; ``keeps[j]``: 1 / keep probability)
+    one masked copy of x feeds the A GEMM, like the single op's. Measured against the segmented
+    form (its x / y / grad gathers), the mixed training step of benchmarks/bench_cpu_mixed_batch.py
+    over our single-adapter step (interleaved, medians): 1.04x -> 0.99x (CPU time, 1 thread, 9
+    rotations, spread 0.96-1.11x vs 0.98-1.12x), 1.09-1.13x -> 1.05-1.06x (wall, 2 threads).
     """
     n, r_max, k = len(lora_as), hidden.shape[1], x2.shape[1]
     units = unit_index.shape[0]
-    pad = torch.nn.functional.pad  # only for ranks below R (a copy each)
-    a_pad = [a if a.shape[0] == r_max else pad(a, (0, 0, 0, r_max - a.shape[0])) for a in lora_as]
-    b_pad = [b if b.shape[1] == r_max else pad(b, (0, r_max - b.shape[1])) for b in lora_bs]
-    # Each unit's factors, stacked straight from the list (slot n: the zero adapter of base units).
     slots = [j if j >= 0 else n for j in unit_index.tolist()]
-    a_pad.append(x2.new_zeros((r_max, k)))
-    b_pad.append(x2.new_zeros((d, r_max)))
-    a_rows = torch.stack([a_pad[j] for j in slots])  # [U, R, K]
     scale = torch.tensor([scalings[j] if j < n else 0.0 for j in slots], dtype=x2.dtype, device=x2.device)
-    b_rows = torch.stack([b_pad[j] for j in slots]).mul_(scale[:, None, None]).transpose(1, 2)  # [U, R, D], scaled
-    x3 = x2.view(units, tokens_per_unit, k)
+    a_rows, b_rows = _unit_factors(lora_as, lora_bs, slots, scale, r_max, x2, d)  # [U, R, K], [U, D, R] scaled
+    x_lora = x2 if drops is None else drops.zero_(x2.clone(memory_format=torch.contiguous_format))
+    x3 = x_lora.view(units, tokens_per_unit, k)
     # [R, K] x [K, T] per unit, then viewed [U, T, R]: the faster orientation on CPU BLAS (~1.4x)
     h = torch.bmm(a_rows, x3.transpose(1, 2)).transpose(1, 2)
+    if keeps is not None:  # 1 / keep probability on the small [U, T, R] hidden (the single op's order)
+        h = h * torch.tensor([keeps[j] if j < n else 1.0 for j in slots], dtype=x2.dtype, device=x2.device)[:, None, None]
     # The LoRA term first, then the base GEMM accumulates onto it (beta = 1), as in the single op.
-    y = torch.bmm(h, b_rows) if bias is None else torch.baddbmm(bias, h, b_rows)
+    b_t = b_rows.transpose(1, 2)  # [U, R, D]
+    y = torch.bmm(h, b_t) if bias is None else torch.baddbmm(bias, h, b_t)
     y2 = y.view(-1, d)
     if weight is not None:
         y2.addmm_(x2, weight.t())
     hidden.view(units, tokens_per_unit, r_max).copy_(h.index_select(0, order))  # sorted order, zero past r_j
     return y2
+
+
+def _backward_batched(
+    g2: Tensor, x2: Tensor, weight: Optional[Tensor], lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor], hidden: Tensor,
+    order: Tensor, bounds_units: List[int], drops: Optional[_TokenOrderDrops], scalings: Sequence[float],
+    dropout_ps: Sequence[float], compute_grad_x: bool,
+) -> tuple[Optional[Tensor], List[Tensor], List[Tensor]]:
+    """The batched form's backward: per-unit batched GEMMs on x, grad_y in token order (nothing moves
+    but the small hidden), per-adapter sums of the units' factor gradients. ``grad_x [N, K]`` or None.
+
+    It saves the segmented backward's three gathers (x, grad_y, grad_x): part of the gain measured
+    in :func:`_forward_batched`.
+    """
+    n, units = len(lora_as), order.shape[0]
+    r_max, k, d = hidden.shape[1], x2.shape[1], g2.shape[1]
+    per_unit = x2.shape[0] // units
+    slots = [n] * units
+    order_list = order.tolist()
+    for j in range(n):
+        for u in order_list[bounds_units[j] : bounds_units[j + 1]]:
+            slots[u] = j
+    slot_t = torch.tensor(slots, dtype=torch.int64, device=x2.device)
+    inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(units, device=order.device))
+    h = hidden.view(units, per_unit, r_max).index_select(0, inverse)  # [U, T, R] token order
+    factor = [s * (_single._keep_scale(p) if p > 0.0 else 1.0) for s, p in zip(scalings, dropout_ps)]
+    scale = torch.tensor([factor[j] if j < n else 0.0 for j in slots], dtype=x2.dtype, device=x2.device)
+    a_rows, b_rows = _unit_factors(lora_as, lora_bs, slots, scale, r_max, x2, d)  # B scaled by s_j / keep_j
+    g3 = g2.view(units, per_unit, d)
+    # (Bᵀ gᵀ)ᵀ per unit: [R, D] x [D, T] runs ~3x faster on CPU BLAS than [T, D] x [D, R]
+    d_h = torch.bmm(b_rows.transpose(1, 2), g3.transpose(1, 2)).transpose(1, 2)  # [U, T, R]
+    # (hᵀ g) per unit, [R, T] x [T, D]: the fast orientation on CPU BLAS (as in the single op)
+    grad_b_units = torch.bmm(h.transpose(1, 2), g3)  # [U, R, D]
+    x_lora = x2 if drops is None else drops.zero_(x2.clone(memory_format=torch.contiguous_format))
+    grad_a_units = torch.bmm(d_h.transpose(1, 2), x_lora.view(units, per_unit, k))  # [U, R, K]
+    # per adapter: the sum over its units (an adapter without units: zeros)
+    grad_b_sum = grad_b_units.new_zeros((n + 1, r_max, d)).index_add_(0, slot_t, grad_b_units)
+    grad_a_sum = grad_a_units.new_zeros((n + 1, r_max, k)).index_add_(0, slot_t, grad_a_units)
+    grad_as = [grad_a_sum[j, : a.shape[0]].clone() for j, a in enumerate(lora_as)]  # own storage: outputs may not alias
+    grad_bs = [grad_b_sum[j, : a.shape[0]].t().mul(scalings[j]).contiguous() for j, a in enumerate(lora_as)]
+    if not compute_grad_x:
+        return None, grad_as, grad_bs
+    grad_x = torch.bmm(d_h, a_rows).view(-1, k)  # [N, K]: the LoRA term
+    if drops is not None:
+        drops.zero_(grad_x)
+    if weight is not None:
+        grad_x.addmm_(g2, weight)  # the base term accumulates onto the LoRA term (beta = 1)
+    return grad_x, grad_as, grad_bs
 
 
 def _forward_stacked(
@@ -366,13 +477,36 @@ def forward_pytorch(
     active = [_dropout_active(p, training) for p in dropout_ps]
     empty_mask = x.new_empty((0,), dtype=torch.uint8)
     form = choose_form(ranks, any(active), per_unit, k, d)
-    if form != "segmented":
-        forward_form = _forward_batched if form == "batched" else _forward_stacked
-        y = forward_form(x2, weight, bias, lora_as, lora_bs, unit_index, per_unit, scalings, order, hidden, d)
-        return y.view(*x.shape[:-1], d), hidden, order, offsets, empty_mask, mask_sizes
-
     positions = _single._uses_drop_positions(x.device)
     packed = None if positions or not any(active) else torch.zeros((n_tokens, (k + 7) // 8), dtype=torch.uint8, device=x.device)
+    if form == "stacked":
+        _require(not any(active), lambda: "the stacked form has no dropout; choose_form gave it with dropout active")
+        y = _forward_stacked(x2, weight, bias, lora_as, lora_bs, unit_index, per_unit, scalings, order, hidden, d)
+        return y.view(*x.shape[:-1], d), hidden, order, offsets, empty_mask, mask_sizes
+    if form == "batched":
+        drops, keeps = None, None
+        if any(active):
+            drops = _TokenOrderDrops(order.shape[0], per_unit * k, x.device)
+            keeps = [_single._keep_scale(p) if a else 1.0 for p, a in zip(dropout_ps, active)]
+            chunks_b: List[Tensor] = []
+            unit_bounds = offsets.tolist()
+            for j in range(n):
+                start, end = unit_bounds[j], unit_bounds[j + 1]
+                if not active[j] or start == end:
+                    continue
+                dropped, mask_j = _draw_segment_mask((end - start) * per_unit, k, x.device, dropout_ps[j], rngs[j])
+                drops.add(dropped, order[start:end])
+                if packed is not None:
+                    packed[start * per_unit : end * per_unit] = mask_j
+                else:
+                    chunks_b.append(mask_j)
+                    mask_sizes[j] = mask_j.numel()
+            mask_b = packed if packed is not None else torch.cat(chunks_b) if chunks_b else empty_mask
+        else:
+            mask_b = empty_mask
+        y = _forward_batched(x2, weight, bias, lora_as, lora_bs, unit_index, per_unit, scalings, order, hidden, d, drops, keeps)
+        return y.view(*x.shape[:-1], d), hidden, order, offsets, mask_b, mask_sizes
+
     chunks: List[Tensor] = []
     perm = _Permutation(order)
     bounds = [b * per_unit for b in offsets.tolist()]  # token bounds of the segments in sorted order
@@ -387,7 +521,7 @@ def forward_pytorch(
         x_seg = x_sorted[start:end]  # [n_j, K]: adapter j's sub-batch in its original order
         if active[j]:
             x_seg = x_seg.clone()  # x itself (or the sorted copy the base GEMM reads) stays intact
-            dropped, mask_j = _draw_segment_mask(x_seg, dropout_ps[j], rngs[j])
+            dropped, mask_j = _draw_segment_mask(end - start, k, x.device, dropout_ps[j], rngs[j])
             _single._zero_dropped_(x_seg, dropped)
             if packed is not None:
                 packed[start:end] = mask_j
@@ -462,9 +596,24 @@ def backward_pytorch(
     g2 = grad_y.reshape(-1, d)  # [N, D]
     n_tokens = x2.shape[0]
     per_unit = n_tokens // order.shape[0] if order.shape[0] else 1
-    perm = _Permutation(order)
-    bounds = [b * per_unit for b in offsets.tolist()]
+    unit_bounds = offsets.tolist()
+    bounds = [b * per_unit for b in unit_bounds]
     encoded = _segment_masks(mask, mask_sizes)
+    ranks = [a.shape[0] for a in lora_as]
+    if n_tokens and choose_form(ranks, False, per_unit, k, d) == "batched":
+        drops = None
+        if any(p > 0.0 for p in dropout_ps):
+            drops = _TokenOrderDrops(order.shape[0], per_unit * k, x.device)
+            for j in range(n):
+                start, end = bounds[j], bounds[j + 1]
+                if dropout_ps[j] > 0.0 and start < end:
+                    seg_mask = encoded[j] if encoded is not None else mask[start:end]
+                    drops.add(_single._dropped_of(seg_mask, end - start, k, dropout_ps[j]), order[unit_bounds[j] : unit_bounds[j + 1]])
+        grad_x, grad_as, grad_bs = _backward_batched(
+            g2, x2, weight, lora_as, lora_bs, hidden, order, unit_bounds, drops, scalings, dropout_ps, compute_grad_x
+        )
+        return (grad_x.view(x.shape) if grad_x is not None else x.new_empty((0,))), grad_as, grad_bs
+    perm = _Permutation(order)
     g_sorted = perm.to_sorted(g2)
     x_sorted = perm.to_sorted(x2)
     private_x = not perm.identity  # a gathered copy: may be masked in place
