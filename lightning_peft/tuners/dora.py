@@ -2,8 +2,10 @@
 
 ``y = b + c ⊙ (x Wᵀ + s · dropout(x) Aᵀ Bᵀ)`` with ``c = m / ‖W + s B A‖`` (row norms, treated as a
 constant in backward, as peft does) and ``m = lora_magnitude_vector [out]``, initialised to the row
-norms so the adapted model starts as the base. The bracket is the LoRA op itself (bias left out),
-so DoRA runs through the same kernels; the scale is one more elementwise pass. peft computes the
+norms so the adapted model starts as the base. The whole expression is the LoRA op with its
+``scale`` argument, so DoRA runs through the same kernels: the scale is folded into the op's
+products and its gradient formed from the saved output (no extra pass over the input, no
+``[N, out]`` tensor kept besides the output). peft computes the
 same at dropout 0; with dropout it also feeds the *dropped* input through the base weight for the
 ``(c - 1)`` part (a second base GEMM), which this layer does not: its dropout acts on the LoRA
 branch only.
@@ -20,6 +22,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from lightning_peft.ops import lora_linear
 from lightning_peft.tuners.lora import LoraLinear
 
 __all__ = ["DoraLinear"]
@@ -57,9 +60,16 @@ class DoraLinear(LoraLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_active():
             return self.base_forward(x)
-        y = self.lora_op(x, None)  # [*, out], the bias is added after the scale
-        y = y * (self.lora_magnitude_vector / self.row_norms()).to(y.dtype)  # the norm is a constant to autograd
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        weight, lora_a, lora_b = self.base_weight(), self.lora_A.weight, self.lora_B.weight
+        # Custom ops are invisible to autocast: cast like LoraLinear.lora_op (which takes no scale).
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+        scale = self.lora_magnitude_vector / self.row_norms()  # [out]; the norm is a constant to autograd
+        x, weight, lora_a, lora_b, scale = (t.to(dtype) for t in (x, weight, lora_a, lora_b, scale))
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return lora_linear(  # scale ⊙ (x Wᵀ + s · dropout(x) Aᵀ Bᵀ) + bias, [*, out]
+            x, weight, bias, lora_a, lora_b,
+            scaling=self.scaling, dropout_p=self.dropout_p, rng=self.lora_rng, training=self.training, scale=scale,
+        )
 
     def _merge_scale(self) -> torch.Tensor:
         return (self.lora_magnitude_vector.detach() / self.row_norms()).to(self._compute_dtype())
