@@ -81,9 +81,10 @@ def build(targets, p: float | None, dora: bool = False):
 
 
 def mean_se(values: list[float]) -> str:
+    """Mean ± standard error, and the median (robust to the rotations another process disturbed)."""
     mean = sum(values) / len(values)
     se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) if len(values) > 1 else float("nan")
-    return f"{mean:.3f} ± {se:.3f}"
+    return f"{mean:.3f} ± {se:.3f} (med {sorted(values)[len(values) // 2]:.3f})"
 
 
 def main() -> None:
