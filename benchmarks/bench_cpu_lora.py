@@ -406,7 +406,8 @@ def profile(name: str, steps: int = 3) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)} (default) "
+                    f"and of {','.join(DORA_CONFIGS)}")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per process (median taken)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per process first")
     ap.add_argument("--rounds", type=int, default=2, help="times every group runs (alternating order)")
