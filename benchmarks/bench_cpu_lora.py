@@ -8,7 +8,9 @@ gradients are cleared outside the timed region. LoRA r=8, alpha=16.
 Configurations: ``floor`` (the model frozen, ``enable_input_require_grads()``: backward runs down
 to the embeddings with no parameter gradients), ``peft-{qv,all}-p{0,0.1}`` and
 ``ours-{qv,all}-p{0,0.1}`` (``get_peft_model`` of each library; q,v or ``"all-linear"``; dropout
-0 or 0.1). Each configuration is its own process (so its peak RSS, ``ru_maxrss``, is its own;
+0 or 0.1), and, only when named in ``--configs``, DoRA: ``peft-dora-...`` / ``ours-dora-...``
+(``use_dora=True``; grouped with the LoRA configs of the same setting, so ``ours-dora`` also gets
+a ratio to ``ours``' LoRA step). Each configuration is its own process (so its peak RSS, ``ru_maxrss``, is its own;
 every process imports torch, transformers, peft and lightning_peft alike).
 
 Method, for a shared and drifting machine: per (targets, dropout) setting the floor, peft and
@@ -29,6 +31,7 @@ Usage::
     python benchmarks/bench_cpu_lora.py --malloc-ab     # each config also with glibc heap trimming off
     python benchmarks/bench_cpu_lora.py --pool a.json,b.json --out benchmarks/results/cpu_lora_pooled
     python benchmarks/bench_cpu_lora.py --profile ours-all-p0.1   # torch.profiler's top ops
+    python benchmarks/bench_cpu_lora.py --configs floor,ours-all-p0.1,peft-dora-all-p0.1,ours-dora-all-p0.1 --out /tmp/dora
 
 A subset run writes results only with ``--out PREFIX``.
 """
@@ -61,6 +64,8 @@ TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 TARGET_LABEL = {"qv": "q,v", "all": "all-linear"}
 DROPOUTS = {"p0": 0.0, "p0.1": 0.1}
 CONFIGS = ["floor"] + [f"{impl}-{t}-{p}" for t in TARGETS for p in DROPOUTS for impl in ("peft", "ours")]
+#: DoRA variants: known, but run only when named (not part of the default run or the README table)
+DORA_CONFIGS = [f"{impl}-dora-{t}-{p}" for t in TARGETS for p in DROPOUTS for impl in ("peft", "ours")]
 #: glibc keeps freed heap instead of handing it back to the OS and faulting it in again next step
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 TUNED = "+malloc"  # suffix of a process run with MALLOC_ENV (--malloc-ab)
@@ -68,20 +73,26 @@ TUNED = "+malloc"  # suffix of a process run with MALLOC_ENV (--malloc-ab)
 RECORD_KEYS = ("config", "round", "group", "median_step_s", "median_minor_faults", "peak_rss_mib", "trainable_params", "first_loss")
 
 
+def is_dora(name: str) -> bool:
+    """Whether configuration ``name`` (e.g. ``"ours-dora-all-p0.1"``) trains DoRA instead of LoRA."""
+    return "-dora-" in name
+
+
 def parse_config(name: str) -> tuple[str, Optional[str], Optional[float]]:
-    """``"ours-all-p0.1"`` -> ``("ours", "all", 0.1)``; ``"floor"`` -> ``("floor", None, None)``."""
+    """``"ours-all-p0.1"`` (or ``"ours-dora-all-p0.1"``) -> ``("ours", "all", 0.1)``; ``"floor"`` -> ``("floor", None, None)``."""
     if name == "floor":
         return "floor", None, None
-    impl, _, rest = name.partition("-")
+    impl, _, rest = name.replace("-dora-", "-", 1).partition("-")
     target, _, p = rest.partition("-")
     if impl not in ("peft", "ours") or target not in TARGETS or p not in DROPOUTS:
-        raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+        raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS + DORA_CONFIGS)}")
     return impl, target, DROPOUTS[p]
 
 
 def describe(name: str) -> str:
     impl, target, p = parse_config(name)
-    return "floor (frozen, input grads)" if impl == "floor" else f"{impl} {TARGET_LABEL[target]} p={p:g}"
+    method = " DoRA" if is_dora(name) else ""
+    return "floor (frozen, input grads)" if impl == "floor" else f"{impl}{method} {TARGET_LABEL[target]} p={p:g}"
 
 
 def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
@@ -110,7 +121,7 @@ def build(name: str) -> tuple[Any, Callable[[], float], Callable[[], None], dict
     else:
         lib = peft if impl == "peft" else lightning_peft
         model = lib.get_peft_model(model, lib.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=p,
-                                                         target_modules=TARGETS[target]))
+                                                         target_modules=TARGETS[target], use_dora=is_dora(name)))
     model.train()
     input_ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
 
@@ -226,7 +237,8 @@ def table_rows(runs: list[dict], configs: list[str]) -> list[dict[str, Any]]:
             "trainable_params": mine[0]["trainable_params"], "first_loss": mine[0]["first_loss"]}
         refs = {"floor": "floor" + suffix if base != "floor" else None,
                 "peft": "peft" + base[len("ours"):] + suffix if base.startswith("ours") else None,
-                "default": base if suffix else None}
+                "default": base if suffix else None,
+                "lora": base.replace("-dora-", "-") + suffix if is_dora(base) and base.startswith("ours") else None}
         for key, ref in refs.items():
             values = in_group(runs, name, ref) if ref else []
             if values:
@@ -244,7 +256,8 @@ def targets(rows: list[dict]) -> list[dict[str, Any]]:
     out = []
     for desc, name, key, limit in (("all-linear p=0.1: ours <= 0.80x peft step time", "ours-all-p0.1", "x_peft", 0.80),
                                    ("all-linear p=0.1: ours <= 1.25x floor step time", "ours-all-p0.1", "x_floor", 1.25),
-                                   ("q,v p=0.1: ours <= 1.05x floor step time", "ours-qv-p0.1", "x_floor", 1.05)):
+                                   ("q,v p=0.1: ours <= 1.05x floor step time", "ours-qv-p0.1", "x_floor", 1.05),
+                                   ("all-linear p=0.1: ours DoRA <= 1.15x ours LoRA step time", "ours-dora-all-p0.1", "x_lora", 1.15)):
         if key not in by.get(name, {}):
             continue
         values = by[name][key + "_each"]
@@ -253,14 +266,14 @@ def targets(rows: list[dict]) -> list[dict[str, Any]]:
             mean, se = mean_and_standard_error(values)
             detail += f"; mean {mean:.3f} ± {se:.3f} (s.e., {len(values)} groups)"
         out.append({"target": desc, "value": by[name][key], "limit": limit, "pass": by[name][key] <= limit, "detail": detail + ")"})
-    for t in TARGETS:
-        for p in DROPOUTS:
-            ours, theirs = by.get(f"ours-{t}-{p}", {}), by.get(f"peft-{t}-{p}", {})
-            if "rss_above_floor_mib" in ours and "rss_above_floor_mib" in theirs:
-                o, q = ours["rss_above_floor_mib"], theirs["rss_above_floor_mib"]
-                out.append({"target": f"{TARGET_LABEL[t]} p={DROPOUTS[p]:g}: ours' peak RSS above floor <= 0.5x peft's",
-                            "value": o / q, "limit": 0.5, "pass": o <= 0.5 * q,
-                            "detail": f"ours {o:+.0f} MiB / peft {q:+.0f} MiB = {o / q:.2f}x"})
+    for method, t, p in ((m, t, p) for m in ("", "dora-") for t in TARGETS for p in DROPOUTS):
+        ours, theirs = by.get(f"ours-{method}{t}-{p}", {}), by.get(f"peft-{method}{t}-{p}", {})
+        if "rss_above_floor_mib" in ours and "rss_above_floor_mib" in theirs:
+            o, q = ours["rss_above_floor_mib"], theirs["rss_above_floor_mib"]
+            label = "DoRA " if method else ""
+            out.append({"target": f"{label}{TARGET_LABEL[t]} p={DROPOUTS[p]:g}: ours' peak RSS above floor <= 0.5x peft's",
+                        "value": o / q, "limit": 0.5, "pass": o <= 0.5 * q,
+                        "detail": f"ours {o:+.0f} MiB / peft {q:+.0f} MiB = {o / q:.2f}x"})
     return out
 
 
@@ -393,7 +406,8 @@ def profile(name: str, steps: int = 3) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)} (default) "
+                    f"and of {','.join(DORA_CONFIGS)}")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per process (median taken)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per process first")
     ap.add_argument("--rounds", type=int, default=2, help="times every group runs (alternating order)")

@@ -15,6 +15,7 @@ Variants (each the op as shipped, with one mechanism swapped out):
 * ``positions``: the op as shipped (CPU drop positions; backward keeps the distances as bytes);
 * ``replay``: backward keeps only the (seed, offset) key and draws the positions again;
 * ``philox``: the non-CPU path on CPU: Philox packed keep-bits drawn with torch integer ops;
+* ``dh_gb``: backward's ``d_hidden`` as ``g B`` (``[N, D] x [D, r]``) instead of ``(Bᵀ gᵀ)ᵀ``;
 * ``dora``: not a mechanism but a method: the op as shipped under DoRA (``use_dora=True``), whose
   step over the ``positions`` step is DoRA's cost over LoRA (``--variants positions,dora``).
 
@@ -33,7 +34,7 @@ from typing import Iterator
 
 import torch
 
-VARIANTS = ("positions", "replay", "philox", "dora")
+VARIANTS = ("positions", "replay", "philox", "dh_gb", "dora")
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 
 
@@ -41,15 +42,17 @@ TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 def variant(name: str) -> Iterator[None]:
     """The op with the mechanism ``name`` swaps out (module attributes are looked up at each call)."""
     op = importlib.import_module("lightning_peft.ops.lora_linear")
-    saved = op.encode_drop_positions, op._uses_drop_positions
-    if name == "replay":  # numel 0: the distances never fit the 1-bit budget, so the key is kept
+    saved = op.encode_drop_positions, op._uses_drop_positions, op._d_hidden
+    if name == "dh_gb":
+        op._d_hidden = lambda g2, lora_b, alpha: torch.mm(g2, lora_b).mul_(alpha)
+    elif name == "replay":  # numel 0: the distances never fit the 1-bit budget, so the key is kept
         op.encode_drop_positions = lambda increments, numel, rng: saved[0](increments, 0, rng)
     elif name == "philox":
         op._uses_drop_positions = lambda device: False
     try:
         yield
     finally:
-        op.encode_drop_positions, op._uses_drop_positions = saved
+        op.encode_drop_positions, op._uses_drop_positions, op._d_hidden = saved
 
 
 def build(targets, p: float | None, dora: bool = False):
@@ -81,9 +84,10 @@ def build(targets, p: float | None, dora: bool = False):
 
 
 def mean_se(values: list[float]) -> str:
+    """Mean ± standard error, and the median (robust to the rotations another process disturbed)."""
     mean = sum(values) / len(values)
     se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) if len(values) > 1 else float("nan")
-    return f"{mean:.3f} ± {se:.3f}"
+    return f"{mean:.3f} ± {se:.3f} (med {sorted(values)[len(values) // 2]:.3f})"
 
 
 def main() -> None:

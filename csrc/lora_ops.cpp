@@ -177,8 +177,8 @@ void check_same(const Tensor& t, const char* name, const Tensor& x) {
               " is ", t.scalar_type(), " (use autocast or cast the module)");
 }
 
-/// The base weight, or an undefined tensor when the op computes the LoRA branch alone (weight=None).
-Tensor base_weight(const std::optional<Tensor>& weight) { return weight.has_value() ? *weight : Tensor(); }
+/// An optional tensor argument (weight, scale) as a possibly undefined tensor: undefined when None.
+Tensor or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 void check_common(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_a,
                   const Tensor& lora_b) {
@@ -203,11 +203,27 @@ void check_common(const Tensor& x, const Tensor& weight, const std::optional<Ten
   }
 }
 
+/// The optional per-output scale (DoRA): [D], on x's device and in its dtype.
+void check_scale(const std::optional<Tensor>& scale, int64_t D, const Tensor& x) {
+  if (!scale.has_value() || !scale->defined()) return;
+  TORCH_CHECK(scale->dim() == 1 && scale->size(0) == D, "lightning_peft_cuda: scale must be [D] = [", D, "], got ", scale->sizes());
+  check_same(*scale, "scale", x);
+}
+
+/// Whether the scale is folded into W's and B's rows (D x K elements scaled) rather than applied to
+/// the N x D output / output gradient: whichever touches fewer elements (as ops/lora_linear.py).
+bool folds_scale(int64_t N, int64_t K) { return K <= N; }
+
+/// scale[:, None] * t for a [D, *] tensor (undefined stays undefined).
+Tensor scaled_rows(const Tensor& t, const Tensor& scale) { return t.defined() ? t * scale.unsqueeze(1) : t; }
+
 std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const std::optional<Tensor>& weight_opt, const std::optional<Tensor>& bias,
                                                  const Tensor& lora_a, const Tensor& lora_b, const Tensor& rng,
-                                                 double scaling, double dropout_p, bool training) {
-  const Tensor weight = base_weight(weight_opt);  // undefined: the LoRA branch alone, no base GEMM
+                                                 double scaling, double dropout_p, bool training,
+                                                 const std::optional<Tensor>& scale_opt) {
+  Tensor weight = or_undefined(weight_opt);  // undefined: the LoRA branch alone, no base GEMM
   check_common(x, weight, bias, lora_a, lora_b);
+  check_scale(scale_opt, lora_b.size(0), x);
   TORCH_CHECK(rng.scalar_type() == at::kLong && rng.numel() == 2, "lightning_peft_cuda: rng must be int64 [2]");
   TORCH_CHECK(rng.device() == x.device(), "lightning_peft_cuda: rng is on ", rng.device(), " but x is on ", x.device(),
               ": keep the (seed, offset) tensor on the device (a module buffer moves with .to(device)); "
@@ -219,6 +235,13 @@ std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const std::opti
   const Tensor x2 = rows_of(x, K);  // [N, K]
   const int64_t N = x2.size(0);
   const Tensor a = lora_a.contiguous();
+  const Tensor scale = or_undefined(scale_opt);  // undefined: no scale
+  const bool scale_output = scale.defined() && !folds_scale(N, K);
+  Tensor b_mat = lora_b;
+  if (scale.defined() && !scale_output) {  // scale ⊙ (x Wᵀ + s h Bᵀ) = x (scale ⊙ W)ᵀ + s h (scale ⊙ B)ᵀ
+    weight = scaled_rows(weight, scale);
+    b_mat = scaled_rows(lora_b, scale);
+  }
 
   Tensor hidden = alloc.empty({N, r}, x.options());
   Tensor mask;
@@ -231,27 +254,43 @@ std::tuple<Tensor, Tensor, Tensor> lora_forward(const Tensor& x, const std::opti
   }
 
   Tensor y = alloc.empty({N, D}, x.options());
-  if (bias.has_value() && bias->defined()) {
-    at::addmm_out(y, *bias, hidden, lora_b.t(), 1.0, scaling);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias && !scale_output) {
+    at::addmm_out(y, *bias, hidden, b_mat.t(), 1.0, scaling);
   } else {
-    at::addmm_out(y, y, hidden, lora_b.t(), 0.0, scaling);  // beta = 0: y's old contents are ignored
+    at::addmm_out(y, y, hidden, b_mat.t(), 0.0, scaling);  // beta = 0: y's old contents are ignored
   }
   if (weight.defined()) y.addmm_(x2, weight.t());  // beta = 1: the base GEMM accumulates onto the LoRA term
+  if (scale_output) {
+    y.mul_(scale);
+    if (has_bias) y.add_(*bias);
+  }
   alloc.check();
   return {y.view(with_last(x.sizes(), D)), hidden, mask};
 }
 
 std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& weight_opt,
                                                  const Tensor& lora_a, const Tensor& lora_b, const Tensor& lora_hidden,
-                                                 const Tensor& mask, double scaling, double dropout_p, bool compute_grad_x) {
-  const Tensor weight = base_weight(weight_opt);  // undefined: grad_x is the LoRA branch's alone
+                                                 const Tensor& mask, double scaling, double dropout_p, bool compute_grad_x,
+                                                 const std::optional<Tensor>& scale_opt) {
+  Tensor weight = or_undefined(weight_opt);  // undefined: grad_x is the LoRA branch's alone
   check_common(x, weight, std::nullopt, lora_a, lora_b);
+  check_scale(scale_opt, lora_b.size(0), x);
   LIGHTNING_PEFT_DEVICE_GUARD(x);
   Allocator alloc(debug().poison.load());
   const int64_t K = x.size(-1), D = lora_b.size(0), r = lora_a.size(0);
   const Tensor x2 = rows_of(x, K);                 // [N, K]
-  const Tensor g2 = rows_of(grad_y, D);            // [N, D]
+  Tensor g2 = rows_of(grad_y, D);                  // [N, D]
   const int64_t N = x2.size(0);
+  const Tensor scale = or_undefined(scale_opt);
+  Tensor b_mat = lora_b, b_scale;  // b_scale: what grad_b's rows still need multiplying by
+  if (scale.defined() && folds_scale(N, K)) {  // as in forward: scale ⊙ W, scale ⊙ B
+    weight = scaled_rows(weight, scale);
+    b_mat = scaled_rows(lora_b, scale);
+    b_scale = scale;
+  } else if (scale.defined()) {  // the scaled output gradient carries the scale into every product
+    g2 = g2 * scale;
+  }
   TORCH_CHECK(g2.size(0) == N, "lightning_peft_cuda: grad_y and x disagree on the number of rows");
   TORCH_CHECK(lora_hidden.dim() == 2 && lora_hidden.size(0) == N && lora_hidden.size(1) == r,
               "lightning_peft_cuda: lora_hidden must be [N, r]");
@@ -264,8 +303,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Ten
   // beta = 0 ignores the outputs' old contents; the scales ride on cuBLAS's alpha.
   Tensor grad_b = alloc.empty({D, r}, x.options());
   at::addmm_out(grad_b, grad_b, g2.t(), lora_hidden, 0.0, scaling);
+  if (b_scale.defined()) grad_b.mul_(b_scale.unsqueeze(1));
   Tensor d_hidden = alloc.empty({N, r}, x.options());
-  at::addmm_out(d_hidden, d_hidden, g2, lora_b, 0.0, dh_scale);
+  at::addmm_out(d_hidden, d_hidden, g2, b_mat, 0.0, dh_scale);
 
   Tensor grad_a = alloc.empty({r, K}, x.options());  // [r, K]
   Tensor gx;                                         // [N, K]
@@ -331,10 +371,10 @@ std::vector<int64_t> set_debug_options(int64_t poison, int64_t splits, int64_t s
 LIGHTNING_PEFT_LIBRARY(LIGHTNING_PEFT_NAMESPACE, m) {
   m.def(
       "lora_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor rng, float scaling, "
-      "float dropout_p, bool training) -> (Tensor, Tensor, Tensor)");
+      "float dropout_p, bool training, Tensor? scale=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "lora_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, Tensor lora_hidden, "
-      "Tensor mask, float scaling, float dropout_p, bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
+      "Tensor mask, float scaling, float dropout_p, bool compute_grad_x, Tensor? scale=None) -> (Tensor, Tensor, Tensor)");
   m.def("set_debug_options(int poison, int splits, int sm_count, int[] schedule=[]) -> int[]",
         &lightning_peft_cuda::set_debug_options);
 }

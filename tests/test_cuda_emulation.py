@@ -97,11 +97,12 @@ def make_case(n, k, d, r, dtype, seed):
     return tuple(nan_guarded(t) for t in (x, w, b, a, bb))
 
 
-def check_op_pair(op, x, w, b, a, bb, seed, p, need_x=True, context=""):
-    """Forward and backward of the emulated ops vs fp64 and plain eager with the same mask."""
+def check_op_pair(op, x, w, b, a, bb, seed, p, need_x=True, context="", scale=None):
+    """Forward and backward of the emulated ops vs fp64 and plain eager with the same mask
+    (with ``scale``: ``scale ⊙ (x Wᵀ + lora) + b``)."""
     dtype, (n, k) = x.dtype, x.shape
     rng = torch.tensor([seed, 9], dtype=torch.int64)
-    y, hidden, mask = op.lora_forward(x, w, b, a, bb, rng, 1.5, p, True)
+    y, hidden, mask = op.lora_forward(x, w, b, a, bb, rng, 1.5, p, True, scale)
     if p > 0:
         assert torch.equal(mask, philox_mask_reference(seed, 9, n, k, p)), f"mask bits {context}"
         keep = unpack_mask(mask, k)
@@ -109,14 +110,20 @@ def check_op_pair(op, x, w, b, a, bb, seed, p, need_x=True, context=""):
         assert mask.numel() == 0, context
         keep = None
     ref_in = [t.double().requires_grad_(True) for t in (x, a, bb)]
-    y_ref = lora_eager(ref_in[0], None if w is None else w.double(), None if b is None else b.double(), ref_in[1], ref_in[2], 1.5, keep, p)
     eager_in = [t.clone().requires_grad_(True) for t in (x, a, bb)]
-    y_eager = lora_eager(eager_in[0], w, b, eager_in[1], eager_in[2], 1.5, keep, p)
+    if scale is None:
+        y_ref = lora_eager(ref_in[0], None if w is None else w.double(), None if b is None else b.double(), ref_in[1], ref_in[2], 1.5, keep, p)
+        y_eager = lora_eager(eager_in[0], w, b, eager_in[1], eager_in[2], 1.5, keep, p)
+    else:
+        y_ref = lora_eager(ref_in[0], None if w is None else w.double(), None, ref_in[1], ref_in[2], 1.5, keep, p) * scale.double()
+        y_ref = y_ref if b is None else y_ref + b.double()
+        y_eager = lora_eager(eager_in[0], w, None, eager_in[1], eager_in[2], 1.5, keep, p) * scale
+        y_eager = y_eager if b is None else y_eager + b
     assert_flash_rule("y", y, y_eager, y_ref, dtype, context)
     assert_flash_rule("lora_hidden", hidden, hidden_eager(x, a, keep, p), hidden_eager(x.double(), a.double(), keep, p), dtype, context)
 
     grad_y = nan_guarded(torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype))
-    grad_x, grad_a, grad_b = op.lora_backward(grad_y, x, w, a, bb, nan_guarded(hidden), nan_guarded(mask), 1.5, p, need_x)
+    grad_x, grad_a, grad_b = op.lora_backward(grad_y, x, w, a, bb, nan_guarded(hidden), nan_guarded(mask), 1.5, p, need_x, scale)
     g_ref = torch.autograd.grad(y_ref, ref_in, grad_y.double())
     g_eager = torch.autograd.grad(y_eager, eager_in, grad_y)
     if need_x:
@@ -159,6 +166,18 @@ def test_emulated_without_base_weight(emu, dtype, p):
     x, _, b, a, bb = make_case(70, 37, 24, 5, dtype, seed)
     check_op_pair(emu, x, None, b, a, bb, seed, p, context=f"(seed={seed}, weight=None, p={p})")
     check_op_pair(emu, x, None, None, a, bb, seed, p, need_x=False, context=f"(seed={seed}, weight=None, no bias)")
+
+
+@pytest.mark.parametrize("n", [70, 20], ids=["scale_folded", "scale_on_output"])  # K = 37: folded when K <= N
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_with_scale(emu, dtype, n):
+    """DoRA's per-output scale: folded into W's and B's rows, or applied to the output / its gradient."""
+    seed = fresh_seed()
+    x, w, b, a, bb = make_case(n, 37, 24, 5, dtype, seed)
+    scale = nan_guarded((torch.rand(24, generator=torch.Generator().manual_seed(seed)) + 0.5).to(dtype))
+    for weight, bias in ((w, b), (None, None)):
+        for p in (0.0, 0.3):
+            check_op_pair(emu, x, weight, bias, a, bb, seed, p, context=f"(seed={seed}, scale, p={p}, weight={weight is not None})", scale=scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

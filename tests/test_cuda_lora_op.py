@@ -139,6 +139,32 @@ def test_without_base_weight_match_fp64(dtype, drop_p, training):
     torch.library.opcheck(OP_FWD, (x.requires_grad_(True), None, b, a.requires_grad_(True), bb.requires_grad_(True), rng, 0.5, drop_p, training))
 
 
+@pytest.mark.parametrize("lead", [(3, 100), (2, 33)], ids=["scale_folded", "scale_on_output"])  # K = 136: folded when K <= N
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_matches_fp64(dtype, lead):
+    """DoRA's per-output scale through the kernels: y = scale ⊙ (x Wᵀ + lora) + b and the gradients of
+    x, A, B and the scale vs fp64 and eager in the same dtype."""
+    seed = fresh_seed()
+    x, w, b, a, bb, rng = make_case(lead, 136, 72, 17, dtype, seed)
+    scale = nan_guarded((torch.rand(72, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)) + 0.5).to(dtype))
+    context = f"(seed={seed}, dtype={dtype}, lead={lead})"
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, bb, scale)]
+    with debug_options(poison=True, splits=1):
+        y, _, mask = OP_FWD(leaves[0], w, b, leaves[1], leaves[2], rng, 1.7, 0.1, True, leaves[3])
+        grad_y = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, grad_y)
+    keep = unpack_mask(mask, 136)
+    outs = []
+    for cast in (torch.float64, dtype):
+        inputs = [t.detach().to(cast).requires_grad_(True) for t in (x, a, bb, scale)]
+        y_ref = lora_eager(inputs[0], w.to(cast), None, inputs[1], inputs[2], 1.7, keep, 0.1) * inputs[3] + b.to(cast)
+        outs.append((y_ref, torch.autograd.grad(y_ref, inputs, grad_y.to(cast))))
+    (y_ref, grads_ref), (y_eager, grads_eager) = outs
+    assert_flash_rule("y", y, y_eager, y_ref, dtype, context)
+    for name, ours, eager, ref in zip(("grad_x", "grad_a", "grad_b", "grad_scale"), grads, grads_eager, grads_ref):
+        assert_flash_rule(name, ours, eager, ref, dtype, context)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["x_transposed", "x_row_strided", "weight_transposed", "params_transposed"])
 def test_non_contiguous_inputs(dtype, layout):

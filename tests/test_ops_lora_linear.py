@@ -155,6 +155,83 @@ def test_without_base_weight_gradcheck_and_opcheck(mask_form):
             torch.library.opcheck(OP_BWD, (torch.randn_like(y), x.detach(), None, a.detach(), bb.detach(), hidden, mask, 0.5, drop_p, need_x))
 
 
+# (lead, K): N = 15 < K = 19 scales the output, N = 32 >= K folds the scale into W's and B's rows
+SCALE_SHAPES = {"scale_output": ((3, 5), 19), "fold_into_weights": ((4, 8), 19)}
+
+
+@pytest.mark.parametrize("path", list(SCALE_SHAPES))
+@pytest.mark.parametrize("drop_p,training", [(0.0, True), (0.25, True), (0.25, False)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_scale_matches_float64_reference(path, drop_p, training, bias, with_weight, mask_form):
+    """y = scale ⊙ (x Wᵀ + s · dropout(x) Aᵀ Bᵀ) + b and the gradients of x, A, B and scale, vs autograd
+    through that formula; one scale entry is exactly 0 (its gradient cannot come from y)."""
+    lead, k = SCALE_SHAPES[path]
+    x, w, b, a, bb = make_inputs(lead=lead, k=k, bias=bias)
+    w = w if with_weight else None
+    scale = torch.randn(bb.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    scale[4] = 0.0
+    leaves = [t.requires_grad_(True) for t in (x, a, bb, scale)]
+    rng = torch.tensor([6, 2])
+    y = lora_linear(x, w, b, a, bb, scaling=0.7, dropout_p=drop_p, rng=rng, training=training, scale=scale)
+    mask = OP_FWD(x, w, b, a, bb, rng, 0.7, drop_p, training, scale)[2]
+    n = x.shape[:-1].numel()
+    if training and drop_p > 0:
+        keep, p_eff = dropout_keep_mask(mask, n, k, drop_p), quantized_drop_probability(drop_p)
+    else:
+        keep, p_eff = torch.ones(n, k, dtype=torch.bool), 0.0
+    ref = reference(x, w, None, a, bb, 0.7, keep, p_eff) * scale
+    ref = ref + b if b is not None else ref
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn_like(ref)
+    ours = torch.autograd.grad(y, leaves, grad_y)
+    theirs = torch.autograd.grad(ref, leaves, grad_y)
+    for name, g_ours, g_ref in zip(("x", "A", "B", "scale"), ours, theirs):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("path", list(SCALE_SHAPES))
+def test_scale_gradcheck_and_opcheck(path, mask_form):
+    lead, k = SCALE_SHAPES[path]
+    x, w, b, a, bb = make_inputs(lead=lead, k=k, d=7, r=3)
+    scale = torch.rand(7, dtype=torch.float64) + 0.5
+    rng = torch.tensor([5, 9])
+    w.requires_grad_(True)  # and the rarely used base-weight gradient, which the scale reaches too
+    inputs = tuple(t.requires_grad_(True) for t in (x, w, b, a, bb, scale))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, a, bb, scale: lora_linear(x, w, b, a, bb, scaling=1.3, dropout_p=0.3, rng=rng, training=True, scale=scale), inputs
+    )
+    x, w, b, a, bb = (t.detach().float() for t in (x, w, b, a, bb))
+    scale = scale.detach().float().requires_grad_(True)
+    for t in (x, a, bb):
+        t.requires_grad_(True)
+    for weight in (w, None):
+        for drop_p in (0.0, 0.3):
+            torch.library.opcheck(OP_FWD, (x, weight, b, a, bb, torch.tensor([1, 2]), 0.5, drop_p, True, scale))
+            with torch.no_grad():
+                y, hidden, mask = OP_FWD(x, weight, b, a, bb, torch.tensor([1, 2]), 0.5, drop_p, True, scale)
+            for need_x in (True, False):
+                args = (torch.randn_like(y), x.detach(), weight, a.detach(), bb.detach(), hidden, mask, 0.5, drop_p, need_x, scale.detach())
+                torch.library.opcheck(OP_BWD, args)
+            with_zero = scale.detach().clone()
+            with_zero[2] = 0.0  # the recomputed column
+            args = (torch.randn_like(y), y, b, with_zero, x.detach(), weight, bb.detach(), hidden, 0.5)
+            torch.library.opcheck(torch.ops.lightning_peft.lora_linear_scale_grad.default, args)
+
+
+def test_scale_saves_the_output_only_when_it_needs_a_gradient():
+    """A scale that requires grad adds the output y to what backward keeps (nothing else of size N x D)."""
+    x, w, b, a, bb = make_inputs(dtype=torch.float32, lead=(32,), k=64, d=48, r=4)
+    a.requires_grad_(True)
+    for needs_grad in (True, False):
+        scale = torch.rand(48).requires_grad_(needs_grad)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=0.1, rng=torch.tensor([0, 0]), training=True, scale=scale)
+        big = [t for t in saved if t.numel() >= 32 * 48 and t.data_ptr() not in (x.data_ptr(), w.data_ptr())]
+        assert [t.data_ptr() for t in big] == ([y.data_ptr()] if needs_grad else [])
+
+
 def test_rejects_bad_shapes_and_probability():
     x, w, b, a, bb = make_inputs(dtype=torch.float32)
     rng = torch.tensor([0, 0])
@@ -162,6 +239,8 @@ def test_rejects_bad_shapes_and_probability():
         lora_linear(x, w, b, a[:, :-1], bb, scaling=1.0, dropout_p=0.0, rng=rng, training=True)
     with pytest.raises(RuntimeError, match=r"lora_b must be \[D, r\] = \[13, 3\]"):  # weight None: D is lora_b's, r must match
         lora_linear(x, None, b, a[:3], bb, scaling=1.0, dropout_p=0.0, rng=rng, training=True)
+    with pytest.raises(RuntimeError, match=r"scale must be \[D=13\]"):
+        lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=0.0, rng=rng, training=True, scale=torch.ones(12))
     with pytest.raises(RuntimeError, match="dropout_p must be in"):
         lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=1.0, rng=rng, training=True)
 

@@ -304,14 +304,15 @@ def _forward_cuda(
     scaling: float,
     dropout_p: float,
     training: bool,
+    scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _kernels_cover(x, lora_a):
         try:
-            return torch.ops.lightning_peft_cuda.lora_forward(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)
+            return torch.ops.lightning_peft_cuda.lora_forward(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training, scale)
         except RuntimeError as exc:
             if not _disable_after(exc):
                 raise
-    return forward_pytorch(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)
+    return forward_pytorch(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training, scale)
 
 
 @lora_linear_backward.register_kernel("cuda")
@@ -326,14 +327,15 @@ def _backward_cuda(
     scaling: float,
     dropout_p: float,
     compute_grad_x: bool,
+    scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # The mask layout is shared with the PyTorch path, so either backward accepts either forward's mask.
     if _kernels_cover(x, lora_a):
         try:
             return torch.ops.lightning_peft_cuda.lora_backward(
-                grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x
+                grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x, scale
             )
         except RuntimeError as exc:
             if not _disable_after(exc):
                 raise
-    return backward_pytorch(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x)
+    return backward_pytorch(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x, scale)

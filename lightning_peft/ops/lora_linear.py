@@ -8,10 +8,15 @@ kernels for the same two ops when it is built.
 Two ops, like flash-attention's forward/backward pair, so autograd stays in Python and each
 backend only implements plain tensor-in/tensor-out kernels:
 
-``lightning_peft::lora_linear_forward(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)``
+``lightning_peft::lora_linear_forward(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training, scale=None)``
     -> ``(y, lora_hidden, mask)``
-``lightning_peft::lora_linear_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x)``
+``lightning_peft::lora_linear_backward(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x, scale=None)``
     -> ``(grad_x, grad_a, grad_b)``
+
+With ``scale`` (DoRA's ``m / ‖W + s B A‖``): ``y = scale ⊙ (x Wᵀ + scaling · dropout(x) Aᵀ Bᵀ) + b``.
+The backward op then returns the gradients with the scale folded in; ``grad_scale`` (the sum over
+rows of ``grad_y ⊙ (y − b) / scale``) comes from a third op, from the saved output:
+``lightning_peft::lora_linear_scale_grad(grad_y, y, bias, scale, x, weight, lora_b, lora_hidden, scaling)`` -> ``[D]``.
 
 Shapes (N = product of x's leading dims, K = in features, D = out features, r = rank):
     x ``[*, K]``, weight ``[D, K]`` (any strides, e.g. a transposed GPT-2 Conv1D weight) or None:
@@ -25,11 +30,15 @@ Shapes (N = product of x's leading dims, K = in features, D = out features, r = 
         ``dropout_mask.encode_drop_positions``), or
       * ``uint8 [N, ceil(K/8)]`` packed keep-bits (other devices: the CUDA kernels' Philox bits,
         drawn by the fallback too, on the device: ``philox.philox_keep_mask``),
-    grad_x ``[*, K]`` (``[0]`` when ``compute_grad_x`` is False), grad_a ``[r, K]``, grad_b ``[D, r]``.
+    scale ``[D]`` or None, grad_x ``[*, K]`` (``[0]`` when ``compute_grad_x`` is False), grad_a ``[r, K]``, grad_b ``[D, r]``.
 
 What is kept for backward is x (which the frozen base linear would not need), the small
 ``lora_hidden`` and the mask in at most 1 bit per element: never the dropped-out copy of x.
-Gradients of the frozen ``weight`` / ``bias`` are computed only when they require grad.
+Gradients of the frozen ``weight`` / ``bias`` are computed only when they require grad. With a
+``scale`` that requires grad, the output y is saved too: the scale's gradient needs the pre-scale
+output, and y is that up to the scale and bias, stored once where the next layer saves it anyway
+(e.g. SiLU's input, the gate's other factor, attention's values), while recomputing it would cost
+a third base GEMM. An in-place change of that output before backward is then an autograd error.
 """
 
 from __future__ import annotations
@@ -54,8 +63,10 @@ __all__ = [
     "lora_linear",
     "lora_linear_forward",
     "lora_linear_backward",
+    "lora_linear_scale_grad",
     "forward_pytorch",
     "backward_pytorch",
+    "scale_grad_pytorch",
     "dropout_keep_mask",
 ]
 
@@ -89,6 +100,22 @@ def _check_inputs(x: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: T
     torch._check(0.0 <= dropout_p < 1.0, lambda: f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _check_scale(scale: Optional[Tensor], d: int) -> None:
+    if scale is not None:
+        torch._check(scale.dim() == 1 and scale.shape[0] == d, lambda: f"lora_linear: scale must be [D={d}], got {tuple(scale.shape)}")
+
+
+def _folds_scale(n: int, k: int) -> bool:
+    """Whether ``scale`` is folded into W's and B's rows (``[D, K]`` elements scaled) rather than applied
+    to the ``[N, D]`` output / output gradient: whichever touches fewer elements."""
+    return k <= n
+
+
+def _scaled_rows(t: Optional[Tensor], scale: Tensor) -> Optional[Tensor]:
+    """``scale[:, None] ⊙ t`` for a ``[D, *]`` tensor (None stays None)."""
+    return None if t is None else t * scale.unsqueeze(1)
+
+
 def _uses_drop_positions(device: torch.device) -> bool:
     """Whether the op on ``device`` draws CPU drop positions (True) or Philox packed keep-bits.
 
@@ -116,6 +143,15 @@ def _dropped_of(mask: Tensor, n: int, k: int, dropout_p: float) -> Tensor:
     if mask.dim() == 1:  # encoded CPU drop positions; packed keep-bits are [N, ceil(K/8)]
         return decode_drop_positions(mask, n * k, dropout_p)
     return ~unpack_mask(mask, k)
+
+
+def _d_hidden(g2: Tensor, lora_b: Tensor, alpha: float) -> Tensor:
+    """``alpha · g2 B``, ``[N, r]`` (g2 ``[N, D]``, lora_b ``[D, r]``), computed as ``(Bᵀ g2ᵀ)ᵀ``: an
+    ``[N, r]`` view with strides ``(1, N)``, which the following products take as they are.
+
+    Measured: 0.18 / 0.48 ms against 0.41 / 1.09 ms for g2 B (N = 2048, D = 512 / 1376, r = 8, 2 threads); the backward of a decoder layer's 7 LoRA linears 0.983x (median of 40 interleaved pairs, quartiles 0.956-0.999), below the step's noise in `benchmarks/bench_cpu_op_ab.py --variants positions,dh_gb` (0.997x, 24 rotations, loaded machine).
+    """
+    return torch.mm(lora_b.t(), g2.t()).mul_(alpha).t()
 
 
 def _dropout_hidden(x2: Tensor, lora_a: Tensor, dropout_p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,12 +185,16 @@ def dropout_keep_mask(mask: Tensor, rows: int, cols: int, dropout_p: float) -> T
 
 def forward_pytorch(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, rng: Tensor, scaling: float,
-    dropout_p: float, training: bool,
+    dropout_p: float, training: bool, scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pure-PyTorch forward: the fallback for every device. Shapes: module docstring."""
     _check_inputs(x, weight, lora_a, lora_b, rng, dropout_p)
     k, d = x.shape[-1], _out_features(weight, lora_b)
+    _check_scale(scale, d)
     x2 = x.reshape(-1, k)  # [N, K]
+    scale_output = scale is not None and not _folds_scale(x2.shape[0], k)
+    if scale is not None and not scale_output:  # scale ⊙ (x Wᵀ + s h Bᵀ) = x (scale ⊙ W)ᵀ + s h (scale ⊙ B)ᵀ
+        weight, lora_b = _scaled_rows(weight, scale), _scaled_rows(lora_b, scale)
     if _dropout_active(dropout_p, training):
         hidden, mask = _dropout_hidden(x2, lora_a, dropout_p, rng)
     else:
@@ -163,25 +203,31 @@ def forward_pytorch(
     # The small LoRA product first, then the base GEMM accumulates onto it (beta = 1 inside the
     # GEMM): one write of y instead of a write plus a read-modify-write pass for the LoRA term.
     scaled_hidden = hidden * scaling  # [N, r]
-    y = torch.mm(scaled_hidden, lora_b.t()) if bias is None else torch.addmm(bias, scaled_hidden, lora_b.t())  # [N, D]
+    if bias is None or scale_output:
+        y = torch.mm(scaled_hidden, lora_b.t())  # [N, D]
+    else:
+        y = torch.addmm(bias, scaled_hidden, lora_b.t())
     if weight is not None:
         y.addmm_(x2, weight.t())
+    if scale_output:
+        y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
     return y.view(*x.shape[:-1], d), hidden, mask
 
 
 @torch.library.custom_op("lightning_peft::lora_linear_forward", mutates_args=())
 def lora_linear_forward(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, rng: Tensor, scaling: float,
-    dropout_p: float, training: bool,
+    dropout_p: float, training: bool, scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Default implementation for all devices; a device kernel registered later takes precedence."""
-    return forward_pytorch(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)
+    return forward_pytorch(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training, scale)
 
 
 @lora_linear_forward.register_fake
-def _lora_linear_forward_fake(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training):
+def _lora_linear_forward_fake(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training, scale=None):
     _check_inputs(x, weight, lora_a, lora_b, rng, dropout_p)
     k, d, r = x.shape[-1], _out_features(weight, lora_b), lora_a.shape[0]
+    _check_scale(scale, d)
     n = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], d))
     hidden = x.new_empty((n, r))
@@ -196,15 +242,23 @@ def _lora_linear_forward_fake(x, weight, bias, lora_a, lora_b, rng, scaling, dro
 
 def backward_pytorch(
     grad_y: Tensor, x: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, lora_hidden: Tensor, mask: Tensor,
-    scaling: float, dropout_p: float, compute_grad_x: bool,
+    scaling: float, dropout_p: float, compute_grad_x: bool, scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pure-PyTorch backward. ``dropout_p`` is 0 when the forward ran without dropout. Shapes: module docstring."""
     n, k, d = lora_hidden.shape[0], x.shape[-1], lora_b.shape[0]
+    _check_scale(scale, d)
     x2 = x.reshape(-1, k)  # [N, K]
     g2 = grad_y.reshape(-1, d)  # [N, D]
+    b_scale: Optional[Tensor] = None  # what grad_b's rows still need multiplying by
+    if scale is not None and _folds_scale(n, k):  # as in forward: scale ⊙ W, scale ⊙ B
+        weight, lora_b, b_scale = _scaled_rows(weight, scale), _scaled_rows(lora_b, scale), scale
+    elif scale is not None:  # the scaled output gradient carries the scale into every product
+        g2 = g2 * scale
     # (hiddenᵀ g)ᵀ: the [r, N] x [N, D] orientation is ~3x faster on CPU BLAS than gᵀ hidden.
-    grad_b = torch.mm(lora_hidden.t(), g2).t().mul_(scaling).contiguous()  # [D, r]
-    d_hidden = torch.mm(g2, lora_b).mul_(scaling * _keep_scale(dropout_p))  # [N, r]; keep scale is 1 at p = 0
+    grad_b_t = torch.mm(lora_hidden.t(), g2)  # [r, D]
+    grad_b_t = grad_b_t.mul_(scaling) if b_scale is None else grad_b_t.mul_(b_scale * scaling)
+    grad_b = grad_b_t.t().contiguous()  # [D, r]
+    d_hidden = _d_hidden(g2, lora_b, scaling * _keep_scale(dropout_p))  # [N, r]; keep scale is 1 at p = 0
     dropped = _dropped_of(mask, n, k, dropout_p) if dropout_p > 0.0 else None
     x_kept = x2 if dropped is None else _zero_dropped_(x2.clone(memory_format=torch.contiguous_format), dropped)
     grad_a = torch.mm(d_hidden.t(), x_kept)  # [r, K]
@@ -224,50 +278,100 @@ def backward_pytorch(
 @torch.library.custom_op("lightning_peft::lora_linear_backward", mutates_args=())
 def lora_linear_backward(
     grad_y: Tensor, x: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, lora_hidden: Tensor, mask: Tensor,
-    scaling: float, dropout_p: float, compute_grad_x: bool,
+    scaling: float, dropout_p: float, compute_grad_x: bool, scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Default implementation for all devices; a device kernel registered later takes precedence."""
-    return backward_pytorch(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x)
+    return backward_pytorch(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x, scale)
 
 
 @lora_linear_backward.register_fake
-def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x):
+def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x, scale=None):
+    _check_scale(scale, lora_b.shape[0])
     grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty((0,))
     return grad_x, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training = inputs
-    _, hidden, mask = output
+    x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training, scale = inputs
+    y, hidden, mask = output
     ctx.mark_non_differentiable(hidden, mask)
-    ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, mask)
+    # y only for the scale's gradient (module docstring), bias only to take it back out of y
+    needs_scale = scale is not None and scale.requires_grad
+    ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, mask, scale, y if needs_scale else None, bias if needs_scale else None)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p if _dropout_active(dropout_p, training) else 0.0
 
 
+def scale_grad_pytorch(
+    grad_y: Tensor, y: Tensor, bias: Optional[Tensor], scale: Tensor, x: Tensor, weight: Optional[Tensor], lora_b: Tensor,
+    lora_hidden: Tensor, scaling: float,
+) -> Tensor:
+    """``grad_scale [D] = Σ_rows grad_y ⊙ z`` with ``z = x Wᵀ + scaling · lora_hidden Bᵀ`` the pre-scale output.
+
+    z is ``(y − b) / scale`` (relative error ~ eps · (1 + |b| / |scale ⊙ z|)); the columns whose
+    scale is exactly 0 lost z in y and are recomputed from x, W, lora_hidden and B (a GEMM of those
+    columns only; finding them is a host sync on GPUs). Shapes: grad_y, y ``[*, D]``, x ``[*, K]``,
+    lora_hidden ``[N, r]``.
+    """
+    d, k = lora_b.shape[0], x.shape[-1]
+    g2, y2 = grad_y.reshape(-1, d), y.reshape(-1, d)
+    shifted = y2 if bias is None else y2 - bias
+    grad = torch.linalg.vecdot(shifted, g2, dim=0)  # [D]
+    zero = scale == 0
+    if not bool(zero.any()):
+        return grad.div_(scale)
+    cols = zero.nonzero().squeeze(1)
+    z = torch.mm(lora_hidden, lora_b[cols].t()).mul_(scaling)  # [N, n_zero]
+    if weight is not None:
+        z.addmm_(x.reshape(-1, k), weight[cols].t())
+    return grad.div_(torch.where(zero, 1, scale)).index_copy_(0, cols, torch.linalg.vecdot(z, g2[:, cols], dim=0))
+
+
+@torch.library.custom_op("lightning_peft::lora_linear_scale_grad", mutates_args=())
+def lora_linear_scale_grad(
+    grad_y: Tensor, y: Tensor, bias: Optional[Tensor], scale: Tensor, x: Tensor, weight: Optional[Tensor], lora_b: Tensor,
+    lora_hidden: Tensor, scaling: float,
+) -> Tensor:
+    """The scale's gradient (:func:`scale_grad_pytorch`), an op of its own: its zero-scale branch is
+    data-dependent, which traced backward graphs cannot hold. Aten ops only: every device."""
+    return scale_grad_pytorch(grad_y, y, bias, scale, x, weight, lora_b, lora_hidden, scaling)
+
+
+@lora_linear_scale_grad.register_fake
+def _lora_linear_scale_grad_fake(grad_y, y, bias, scale, x, weight, lora_b, lora_hidden, scaling):
+    return scale.new_empty(scale.shape)
+
+
 def _backward(ctx, grad_y, _grad_hidden, _grad_mask):
-    x, weight, lora_a, lora_b, hidden, mask = ctx.saved_tensors
+    x, weight, lora_a, lora_b, hidden, mask, scale, y, bias = ctx.saved_tensors
     needs_x, needs_w, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
+    needs_scale = len(ctx.needs_input_grad) > 9 and ctx.needs_input_grad[9]  # (a call without scale passes 9 inputs)
     grad_y = grad_y.contiguous()
     grad_x, grad_a, grad_b = torch.ops.lightning_peft.lora_linear_backward(
-        grad_y, x, weight, lora_a, lora_b, hidden, mask, ctx.scaling, ctx.dropout_p, needs_x
+        grad_y, x, weight, lora_a, lora_b, hidden, mask, ctx.scaling, ctx.dropout_p, needs_x, scale
     )
+    grad_scale = None
+    if needs_scale:
+        grad_scale = torch.ops.lightning_peft.lora_linear_scale_grad(grad_y, y, bias, scale, x, weight, lora_b, hidden, ctx.scaling)
+    d, k = lora_b.shape[0], x.shape[-1]
+    g2 = grad_y.reshape(-1, d)
     # The base weight and bias are frozen in every PEFT setup; if a user unfreezes them
     # (bias="all" / "lora_only", or a full fine-tune), plain matmuls give their gradients.
-    d = lora_b.shape[0]
-    grad_w = torch.mm(grad_y.reshape(-1, d).t(), x.reshape(-1, x.shape[-1])) if needs_w else None
-    grad_bias = grad_y.reshape(-1, d).sum(0) if needs_bias else None
+    grad_w = torch.mm((g2 if scale is None else g2 * scale).t(), x.reshape(-1, k)) if needs_w else None
+    grad_bias = g2.sum(0) if needs_bias else None
     grad_x, grad_a, grad_b = (g if needed else None for g, needed in ((grad_x, needs_x), (grad_a, needs_a), (grad_b, needs_b)))
-    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+    return (grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, grad_scale)[: len(ctx.needs_input_grad)]
 
 
 lora_linear_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lora_linear(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, *, scaling: float, dropout_p: float, rng: Tensor, training: bool
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, *, scaling: float, dropout_p: float,
+    rng: Tensor, training: bool, scale: Optional[Tensor] = None,
 ) -> Tensor:
-    """``x Wᵀ + b + scaling · dropout_p(x) Aᵀ Bᵀ``; differentiable in x, A, B (and W, b if they require grad).
+    """``x Wᵀ + b + scaling · dropout_p(x) Aᵀ Bᵀ`` (``scale ⊙ (x Wᵀ + scaling · dropout_p(x) Aᵀ Bᵀ) + b``
+    with a scale); differentiable in x, A, B, scale (and W, b if they require grad).
 
     Args:
         x: ``[*, K]`` input.
@@ -279,8 +383,11 @@ def lora_linear(
         dropout_p: drop probability of the LoRA branch's input, in [0, 1).
         rng: ``int64 [2]`` (seed, offset) that determines the dropout mask; same key, same mask.
         training: dropout applies only when True.
+        scale: ``[D]`` per-output multiplier of everything but the bias (DoRA's magnitude over the
+            row norms), or None. When it requires grad the output is saved for backward: modify it
+            in place afterwards and backward raises.
 
     Returns:
         ``[*, D]`` output.
     """
-    return torch.ops.lightning_peft.lora_linear_forward(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training)[0]
+    return torch.ops.lightning_peft.lora_linear_forward(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training, scale)[0]

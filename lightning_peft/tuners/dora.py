@@ -2,8 +2,10 @@
 
 ``y = b + c ⊙ (x Wᵀ + s · dropout(x) Aᵀ Bᵀ)`` with ``c = m / ‖W + s B A‖`` (row norms, treated as a
 constant in backward, as peft does) and ``m = lora_magnitude_vector [out]``, initialised to the row
-norms so the adapted model starts as the base. The bracket is the LoRA op itself (bias left out),
-so DoRA runs through the same kernels; the scale is one more elementwise pass. peft computes the
+norms so the adapted model starts as the base. The whole expression is the LoRA op with its
+``scale`` argument, so DoRA runs through the same kernels: the scale is folded into the op's
+products and its gradient formed from the saved output (no extra pass over the input, no
+``[N, out]`` tensor kept besides the output). peft computes the
 same at dropout 0; with dropout it also feeds the *dropped* input through the base weight for the
 ``(c - 1)`` part (a second base GEMM), which this layer does not: its dropout acts on the LoRA
 branch only.
@@ -64,9 +66,8 @@ class DoraLinear(LoraLinear):
             raise ValueError("DoRA adapters cannot serve a mixed batch (adapter_names=...); run one adapter at a time with set_adapter()")
         if self.branch_to_apply() is None:
             return self.base_forward(x)
-        y = self.lora_op(x, None)  # [*, out], the bias is added after the scale
-        y = y * self.magnitude_scale().to(y.dtype)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        # scale ⊙ (x Wᵀ + s · dropout(x) Aᵀ Bᵀ) + bias in one op call: the scale is folded into its products
+        return self.lora_op(x, self.bias, scale=self.magnitude_scale())
 
     def magnitude_scale(self) -> torch.Tensor:
         """``c = m / ‖W + s B A‖`` per output, ``[out]``: differentiable in ``m``, the norm a constant to autograd."""

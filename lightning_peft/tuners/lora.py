@@ -163,13 +163,17 @@ class LoraLinear(LoraBranch, LinearAdapterLayer):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.weight.dtype
         return [t.to(dtype) if t is not None else None for t in (x, *tensors)]
 
-    def lora_op(self, x: torch.Tensor, bias: Optional[torch.Tensor], adapter: Optional[str] = None) -> torch.Tensor:
-        """``x Wᵀ + bias + scaling · dropout(x) Aᵀ Bᵀ`` of adapter ``adapter`` (None: the active one) through the LoRA op, ``[*, out]``."""
+    def lora_op(self, x: torch.Tensor, bias: Optional[torch.Tensor], adapter: Optional[str] = None,
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``scale ⊙ (x Wᵀ + scaling · dropout(x) Aᵀ Bᵀ) + bias`` of adapter ``adapter`` (None: the active one) through the
+        LoRA op, ``[*, out]``; ``scale`` ``[out]`` (DoRA's) is optional."""
         adapter = adapter or self.active_adapter
-        x, weight, bias, lora_a, lora_b = self._cast_for_op(x, self.base_weight(), bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+        x, weight, bias, lora_a, lora_b, scale = self._cast_for_op(
+            x, self.base_weight(), bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight, scale)
         return lora_linear(
             x, weight, bias, lora_a, lora_b,
             scaling=self.scaling[adapter], dropout_p=self.dropout_p[adapter], rng=self.lora_rng[adapter], training=self.training,
+            scale=scale,
         )
 
     def mixed_forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
