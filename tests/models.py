@@ -101,6 +101,11 @@ def assert_merge_round_trip(model, ids: torch.Tensor, *, rtol: float, atol: floa
     return adapted
 
 
+def peft_key(name: str) -> str:
+    """peft's parameter name for our ``name`` (the same, but DoRA's magnitude, which a DoRA layer holds once, is per adapter there)."""
+    return "base_model.model." + name.replace(".lora_magnitude_vector", ".lora_magnitude_vector.default.weight")
+
+
 MODEL_FACTORIES = {
     "llama": (tiny_llama, ["q_proj", "v_proj"]),
     "llama_gqa": (lambda seed=0: tiny_llama(seed, kv_heads=2), ["q_proj", "k_proj", "v_proj", "o_proj"]),

@@ -7,18 +7,10 @@ import copy
 import peft
 import pytest
 import torch
-from models import MODEL_FACTORIES, assert_merge_round_trip, assert_outputs_and_grads_match, random_ids, tiny_llama
+from models import MODEL_FACTORIES, assert_merge_round_trip, assert_outputs_and_grads_match, peft_key, random_ids, tiny_llama
 
 from lightning_peft import LoraConfig, PeftModel, get_peft_model
 from lightning_peft.tuners.dora import DoraLinear
-
-
-def _their_key(name: str) -> str:
-    key = "base_model.model." + name
-    for ours, theirs in ((".lora_A.weight", ".lora_A.default.weight"), (".lora_B.weight", ".lora_B.default.weight"),
-                         (".lora_magnitude_vector", ".lora_magnitude_vector.default.weight")):
-        key = key.replace(ours, theirs)
-    return key
 
 
 def twins(kind: str, **kwargs):
@@ -31,7 +23,7 @@ def twins(kind: str, **kwargs):
     with torch.no_grad():
         for name, param in ours.base_model.named_parameters():
             if ".lora_" in name:
-                their_params[_their_key(name)].copy_(param)
+                their_params[peft_key(name)].copy_(param)
     return base, ours, theirs
 
 
@@ -41,7 +33,7 @@ def test_outputs_and_gradients_match_peft_in_float64(kind):
     ours.double().train()
     theirs.double().train()
     ids = random_ids(1)
-    names = assert_outputs_and_grads_match(ours, theirs, lambda m: m(input_ids=ids).logits, _their_key, rtol=1e-9, atol=1e-10)
+    names = assert_outputs_and_grads_match(ours, theirs, lambda m: m(input_ids=ids).logits, peft_key, rtol=1e-9, atol=1e-10)
     assert any(n.endswith("lora_magnitude_vector") for n in names)
 
 

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 from lightning_peft import IA3Config, LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from lightning_peft.quantization import dequantize_weight
 from lightning_peft.tuners.lora_quantized import QuantizedDoraLinear, QuantizedLoraLinear
-from models import VOCAB, assert_outputs_and_grads_match, random_ids
+from models import VOCAB, assert_outputs_and_grads_match, peft_key, random_ids
 
 QUANT = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
@@ -55,14 +55,6 @@ def load(path: str, quant: str, **kwargs) -> LlamaForCausalLM:
                                                 device_map="cpu", **kwargs)
 
 
-def _their_key(name: str) -> str:
-    key = "base_model.model." + name
-    for ours, theirs in ((".lora_A.weight", ".lora_A.default.weight"), (".lora_B.weight", ".lora_B.default.weight"),
-                         (".lora_magnitude_vector", ".lora_magnitude_vector.default.weight")):
-        key = key.replace(ours, theirs)
-    return key
-
-
 def twins(path: str, quant: str, *, copy_weights: bool = True, **settings):
     """Our and peft's PeftModel on two loads of the same quantized model; ours' adapter weights copied into peft's."""
     settings = dict(dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False), **settings)
@@ -73,7 +65,7 @@ def twins(path: str, quant: str, *, copy_weights: bool = True, **settings):
         with torch.no_grad():
             for name, param in ours.base_model.named_parameters():
                 if param.requires_grad:
-                    their_params[_their_key(name)].copy_(param)
+                    their_params[peft_key(name)].copy_(param)
     return ours, theirs
 
 
@@ -89,7 +81,7 @@ def test_lora_outputs_and_gradients_match_peft(saved_llama, quant):
     assert all(layer.lora_A["default"].weight.dtype == torch.float32 for layer in layers)  # peft's factor dtype on a quantized base
     ours.train(), theirs.train()
     ids = random_ids(1)
-    names = assert_outputs_and_grads_match(ours, theirs, lambda m: logits(m, ids), _their_key, rtol=1e-5, atol=1e-5)
+    names = assert_outputs_and_grads_match(ours, theirs, lambda m: logits(m, ids), peft_key, rtol=1e-5, atol=1e-5)
     assert len(names) == 2 * 2 * len(TARGETS)
     ours.eval(), theirs.eval()
     with torch.no_grad():  # inference mode: bitsandbytes' other CPU kernels, on both sides
@@ -103,11 +95,11 @@ def test_dora_init_outputs_and_gradients_match_peft(saved_llama, quant):
     magnitudes = [(n, p) for n, p in ours.base_model.named_parameters() if n.endswith("lora_magnitude_vector")]
     assert magnitudes and all(isinstance(m, QuantizedDoraLinear) for m in ours.modules() if hasattr(m, "row_norms"))
     for name, magnitude in magnitudes:  # B = 0: both start at the row norms of their dequantized weight
-        torch.testing.assert_close(magnitude, their_params[_their_key(name)], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(magnitude, their_params[peft_key(name)], rtol=1e-5, atol=1e-6)
     ours, theirs = twins(saved_llama, quant, use_dora=True)
     ours.train(), theirs.train()
     ids = random_ids(2)
-    names = assert_outputs_and_grads_match(ours, theirs, lambda m: logits(m, ids), _their_key, rtol=1e-5, atol=1e-5)
+    names = assert_outputs_and_grads_match(ours, theirs, lambda m: logits(m, ids), peft_key, rtol=1e-5, atol=1e-5)
     assert any(n.endswith("lora_magnitude_vector") for n in names)
 
 
@@ -140,9 +132,9 @@ def test_biased_hand_quantized_layers_match_peft(quant, dora):
     with torch.no_grad():
         for name, param in ours.base_model.named_parameters():
             if param.requires_grad:
-                their_params[_their_key(name)].copy_(param)
+                their_params[peft_key(name)].copy_(param)
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2))
-    names = assert_outputs_and_grads_match(ours, theirs, lambda m: m(x), _their_key, rtol=1e-5, atol=1e-5)
+    names = assert_outputs_and_grads_match(ours, theirs, lambda m: m(x), peft_key, rtol=1e-5, atol=1e-5)
     assert len(names) == 2 * (3 if dora else 2)
 
 
@@ -155,7 +147,7 @@ def test_named_adapters_and_mixed_batches_on_a_quantized_base_match_peft(saved_l
     with torch.no_grad():
         for name, param in ours.base_model.named_parameters():
             if ".b." in name:
-                their_params[_their_key(name)].copy_(param)
+                their_params[peft_key(name)].copy_(param)
     ours.eval(), theirs.eval()  # peft serves mixed batches in eval mode only
     ids = random_ids(10, (3, 6))
     rows = ["b", "__base__", "default"]
