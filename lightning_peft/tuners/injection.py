@@ -106,6 +106,8 @@ class Tuner(ABC):
     """
 
     can_merge: ClassVar[bool] = False  # whether merge()/unmerge() are implemented
+    #: Whether the method's layers hold several named adapters at once (LoRA); else inactive ones are parked.
+    holds_several_adapters: ClassVar[bool] = False
 
     def __init__(self, config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
         self.config = config
@@ -155,6 +157,10 @@ class Tuner(ABC):
         """Within the context the model computes as the base model alone."""
         raise TypeError(f"{self.config.peft_type} adapters cannot be disabled")
         yield
+
+    def set_active(self, model: nn.Module, active: bool) -> None:
+        """Methods with :attr:`holds_several_adapters`: make this adapter the one its layers apply (``active``), or not."""
+        raise TypeError(f"{self.config.peft_type} layers hold one adapter; switching parks the others")
 
     def fit_to_peft_state(self, model: nn.Module, peft_state: dict[str, torch.Tensor]) -> None:
         """Before loading a peft file's tensors: adjust the adapter's structure to what the file holds.

@@ -235,6 +235,7 @@ class LoraTuner(LayerReplacementTuner):
 
     config: LoraConfig
     layer_types = LINEAR_TYPES + (nn.Embedding, nn.Conv1d, nn.Conv2d)
+    holds_several_adapters = True
     quantized_kinds = ("4bit", "8bit")  # bitsandbytes Linear4bit / Linear8bitLt (QLoRA)
 
     def target_names(self, model: nn.Module) -> list[str]:

@@ -63,13 +63,6 @@ def _require_name(adapters: AdapterSet, name: str) -> Tuner:
     return adapters.tuners[name]
 
 
-def _lives_with_others(tuner: Tuner) -> bool:
-    """Whether the method's layers hold several adapters at once (LoRA), so none needs parking."""
-    from lightning_peft.tuners.lora import LoraTuner  # above this module: it builds on the layers
-
-    return isinstance(tuner, LoraTuner)
-
-
 def adapter_names(model: nn.Module) -> list[str]:
     """The names of ``model``'s adapters, in the order they were added."""
     return list(_require_set(model).tuners)
@@ -139,11 +132,11 @@ def add_adapter(model: nn.Module, adapter_name: str, config: PeftConfig) -> None
             "one model share a method (as in peft). Adapt a separate copy of the base model for the other method"
         )
     tuner = tuner_class(config)(config, adapter_name)
-    if _lives_with_others(tuner):
+    if tuner.holds_several_adapters:
         _modules_to_save_parameter_names(model, config)  # raises before anything changes
         tuner.requires_grad_before = active.requires_grad_before
         tuner.inject(model)
-        tuner.set_active(model, False)  # type: ignore[attr-defined]
+        tuner.set_active(model, False)
         for module in model.modules():
             module.__dict__.setdefault(_ADAPTED_BY_ATTR, config.peft_type)
         adapters.tuners[adapter_name] = tuner
@@ -183,8 +176,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
             _park(model, adapters, old)
             _unpark(model, adapters, adapter_name, advance)
         else:
-            old.set_active(model, False)  # type: ignore[attr-defined]
-            new.set_active(model, True)  # type: ignore[attr-defined]
+            old.set_active(model, False)
+            new.set_active(model, True)
             new.rng_hook, old.rng_hook = old.rng_hook, None  # the root's hook advances every adapter
             model.__dict__[_TUNER_ATTR] = new
         _write_parameters(model, adapters.saved_modules.pop(adapter_name, {}))
@@ -246,7 +239,7 @@ def mixed_batch(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
     if unknown:
         raise ValueError(f"adapter_names names unknown adapters {unknown}; this model has {sorted(adapters.tuners)} (and '__base__' for none)")
     active = model.__dict__[_TUNER_ATTR]
-    if not _lives_with_others(active):
+    if not active.holds_several_adapters:
         raise ValueError(
             f"mixed batches (adapter_names=...) need LoRA adapters, whose layers hold several adapters at once; "
             f"{active.config.peft_type} adapters run one at a time: set_adapter() between batches"
