@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from lightning_peft.ops import cuda_backend, lora_linear
+from lightning_peft.ops import cuda_backend, kernel_loader, lora_linear
 from lightning_peft.ops.lora_linear import backward_pytorch, forward_pytorch
 from test_cuda_reference import assert_flash_rule, fresh_seed, lora_eager
 
@@ -89,10 +89,10 @@ def test_stale_jit_lock_is_detected_and_reported(tmp_path, monkeypatch):
     lock = tmp_path / "lock"
     lock.write_text("")
     old = os.path.getmtime(lock) - 3600
-    monkeypatch.setattr(cuda_backend, "_lock_file_blocks", lambda: False)
+    monkeypatch.setattr(kernel_loader, "_lock_file_blocks", lambda: False)
     os.utime(lock, (old, old))
     assert cuda_backend.stale_jit_lock(str(tmp_path), stale_after_s=600) is None
-    monkeypatch.setattr(cuda_backend, "_lock_file_blocks", lambda: True)
+    monkeypatch.setattr(kernel_loader, "_lock_file_blocks", lambda: True)
     assert cuda_backend.stale_jit_lock(str(tmp_path), stale_after_s=600) == str(lock)
     lock.write_text("")  # touched now: a build in progress
     assert cuda_backend.stale_jit_lock(str(tmp_path), stale_after_s=600) is None

@@ -31,18 +31,25 @@ Test-only switches of the kernels (poisoned outputs, a forced split plan) are a 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import sys
-import threading
 import time
 import warnings
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from lightning_peft.ops.kernel_loader import (
+    ENV_FORCE_FALLBACK,
+    ENV_JIT_STALE_S,
+    ENV_NO_JIT,
+    KernelLoader,
+    env_true,
+    raise_if_stale,
+    stale_jit_lock,
+)
 from lightning_peft.ops.lora_linear import (
     backward_pytorch,
     forward_pytorch,
@@ -65,59 +72,20 @@ __all__ = [
     "status",
 ]
 
-ENV_FORCE_FALLBACK = "LIGHTNING_PEFT_FORCE_FALLBACK"
-ENV_NO_JIT = "LIGHTNING_PEFT_NO_JIT"
-ENV_JIT_STALE_S = "LIGHTNING_PEFT_JIT_STALE_S"
-
 MAX_RANK = 128  # the kernels keep up to 128 rank columns per tile (csrc/tile_common.cuh)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _JIT_NAME = "lightning_peft_cuda_jit"
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def _try_load(verbose: bool) -> tuple[bool, Optional[str], str]:
+    return _try_load_cuda(verbose)  # defined below, with the build code it calls
 
 
-class _State:
-    """What the loader found; one attempt per process."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.attempted = False
-        self.available = False
-        self.source: Optional[str] = None  # "prebuilt" | "jit"
-        self.reason = "not loaded yet"
-        self.force_fallback = _env_true(ENV_FORCE_FALLBACK)
-
-
-_state = _State()
-
-
-def set_force_fallback(enabled: bool = True) -> None:
-    """Route CUDA tensors to the pure-PyTorch implementation (``enabled``) or back to the kernels."""
-    _state.force_fallback = bool(enabled)
-
-
-@contextlib.contextmanager
-def force_fallback(enabled: bool = True) -> Iterator[None]:
-    """Context manager form of :func:`set_force_fallback`; restores the previous setting on exit."""
-    previous = _state.force_fallback
-    _state.force_fallback = bool(enabled)
-    try:
-        yield
-    finally:
-        _state.force_fallback = previous
-
-
-def status() -> dict:
-    """Loader state without triggering a load: ``available``, ``source``, ``reason``, ``force_fallback``."""
-    return {
-        "attempted": _state.attempted,
-        "available": _state.available,
-        "source": _state.source,
-        "reason": _state.reason,
-        "force_fallback": _state.force_fallback,
-    }
+_state = KernelLoader("CUDA kernels", "on CUDA", "lightning_peft.ops.cuda_backend.status()", _try_load)
+set_force_fallback = _state.set_force_fallback  # route CUDA tensors to the PyTorch implementation, or back
+force_fallback = _state.forcing_fallback  # context manager form; restores the previous setting on exit
+status = _state.status  # loader state without triggering a load
+load = _state.load  # load the kernels once (prebuilt, else JIT-compiled); True if usable; never raises
 
 
 def source_files() -> list[str]:
@@ -126,36 +94,6 @@ def source_files() -> list[str]:
     if not os.path.isdir(root):
         return []
     return sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith((".cpp", ".cu")))
-
-
-def _lock_file_blocks() -> bool:
-    """Whether this torch's JIT build waits while ``<build dir>/lock`` merely exists (its
-    FileBaton, torch <= 2.13 or so) rather than holding an OS-level lock on it (FileLock, which
-    the kernel releases when the holder dies, so a leftover file is harmless)."""
-    from torch.utils import cpp_extension
-
-    return hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
-
-
-def stale_jit_lock(build_directory: str, stale_after_s: Optional[float] = None) -> Optional[str]:
-    """The path of a stale JIT lock in ``build_directory``, or None.
-
-    With a torch whose JIT build waits for ``<build_directory>/lock`` to disappear, a build that
-    was killed (a timeout, Ctrl-C) leaves it behind and every later load waits forever. It counts
-    as stale when nothing in the directory changed for ``stale_after_s`` seconds (default
-    ``LIGHTNING_PEFT_JIT_STALE_S`` or 600: longer than any one compile step takes). With a torch
-    that holds an OS-level lock instead, a leftover file never blocks: always None.
-    """
-    lock = os.path.join(build_directory, "lock")
-    if not os.path.exists(lock) or not _lock_file_blocks():
-        return None
-    if stale_after_s is None:
-        stale_after_s = float(os.environ.get(ENV_JIT_STALE_S, "600"))
-    newest = 0.0
-    for entry in os.scandir(build_directory):
-        with contextlib.suppress(OSError):
-            newest = max(newest, entry.stat().st_mtime)
-    return lock if time.time() - newest > stale_after_s else None
 
 
 def jit_build(build_directory: Optional[str] = None, verbose: bool = False) -> str:
@@ -186,12 +124,7 @@ def jit_build(build_directory: Optional[str] = None, verbose: bool = False) -> s
     if build_directory is not None:
         os.makedirs(build_directory, exist_ok=True)
     directory = build_directory or cpp_extension._get_build_directory(_JIT_NAME, verbose=False)
-    stale = stale_jit_lock(directory)
-    if stale is not None:
-        raise RuntimeError(
-            f"stale JIT build lock {stale}: an earlier build was killed and nothing there changed for "
-            f"{os.environ.get(ENV_JIT_STALE_S, '600')} s; if no build is running, delete it (rm {stale}) and retry"
-        )
+    raise_if_stale(directory)
     cpp_extension.load(
         name=_JIT_NAME,
         sources=sources,
@@ -209,33 +142,7 @@ def _ops_registered() -> bool:
     return hasattr(torch.ops, "lightning_peft_cuda") and hasattr(torch.ops.lightning_peft_cuda, "lora_forward")
 
 
-def load(verbose: bool = False) -> bool:
-    """Load the kernels once (prebuilt, else JIT-compiled); True if they are usable.
-
-    Never raises: a failure is reported by one warning and :func:`status` keeps the reason.
-    """
-    if _state.attempted:
-        return _state.available
-    with _state.lock:
-        if _state.attempted:
-            return _state.available
-        try:
-            _state.available, _state.source, _state.reason = _try_load(verbose)
-        except Exception as exc:  # noqa: BLE001 - any failure means "use the fallback"
-            _state.available, _state.source, _state.reason = False, None, f"{type(exc).__name__}: {exc}"
-        _state.attempted = True
-        if not _state.available:
-            first_line = (_state.reason.strip().splitlines() or ["unknown"])[0][:300]
-            warnings.warn(
-                f"lightning_peft: CUDA kernels unavailable ({first_line}); using the PyTorch implementation of the "
-                "LoRA op on CUDA. Full reason: lightning_peft.ops.cuda_backend.status()['reason']",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return _state.available
-
-
-def _try_load(verbose: bool) -> tuple[bool, Optional[str], str]:
+def _try_load_cuda(verbose: bool) -> tuple[bool, Optional[str], str]:
     if torch.version.cuda is None:
         return False, None, "torch is a CPU-only build"
     if _ops_registered():  # loaded by someone else in this process (e.g. a test's jit_build)
@@ -247,7 +154,7 @@ def _try_load(verbose: bool) -> tuple[bool, Optional[str], str]:
         prebuilt_error = "lightning_peft._C has no lightning_peft_cuda ops"
     except ImportError as exc:  # not built, or built against another torch
         prebuilt_error = f"lightning_peft._C: {exc}"
-    if _env_true(ENV_NO_JIT):
+    if env_true(ENV_NO_JIT):
         return False, None, f"{prebuilt_error}; {ENV_NO_JIT} is set"
     if not source_files():
         return False, None, f"{prebuilt_error}; no csrc/ sources to compile"
@@ -283,7 +190,7 @@ def _disable_after(exc: RuntimeError) -> bool:
     """A build without code for this GPU: warn once, then use the fallback for the rest of the run."""
     if "no kernel image is available" not in str(exc):
         return False
-    _state.available, _state.reason = False, f"built for other GPU architectures: {exc}"
+    _state.disable(f"built for other GPU architectures: {exc}")
     warnings.warn(
         "lightning_peft: the CUDA kernels were not built for this GPU (set TORCH_CUDA_ARCH_LIST and reinstall); "
         "using the PyTorch implementation",
