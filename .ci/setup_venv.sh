@@ -20,3 +20,12 @@ fi
 # --no-build-isolation: setup.py must see the torch above (it decides whether to build CUDA code);
 # the extension itself is compiled separately (.ci/compile_cuda.sh) so installs stay fast.
 LIGHTNING_PEFT_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+# The CPU kernels of the LoRA op (csrc/cpu/lora_rows.cpp): compiled for this CPU on first use and
+# cached in the torch extensions directory; done here so that neither the main job nor the tests
+# pay the ~30 s inside a timed run. A compile failure is printed and the PyTorch path is used.
+HF_HUB_OFFLINE=1 .venv/bin/python -W ignore -c "
+import sys
+from lightning_peft.ops import cpu_backend
+if not cpu_backend.load():
+    print('lightning_peft: CPU kernels unavailable:', cpu_backend.status()['reason'], file=sys.stderr)
+"

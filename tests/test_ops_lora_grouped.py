@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lightning_peft.ops import lora_linear, lora_linear_grouped
+from lightning_peft.ops import cpu_backend, lora_linear, lora_linear_grouped
 from lightning_peft.ops.dropout_mask import quantized_drop_probability
 from lightning_peft.ops.lora_linear import dropout_keep_mask
 
@@ -23,11 +23,15 @@ RANKS = (2, 5, 3)
 SCALINGS = (0.5, 1.25, 2.0)
 
 
-@pytest.fixture(params=["positions", "packed"])
+@pytest.fixture(params=["kernels", "positions", "packed"])
 def mask_form(request, monkeypatch):
-    """Each of the PyTorch path's mask forms: CPU drop positions, and the Philox packed keep-bits
-    other devices draw (here on CPU tensors); both ops follow the same switch."""
-    replay = request.param == "positions"
+    """Each CPU mask form: the compiled CPU kernels' hashed mask (the grouped op draws it too), and
+    the PyTorch path's CPU drop positions and the Philox packed keep-bits other devices draw (here
+    on CPU tensors); both ops follow the same switches."""
+    if request.param == "kernels":
+        assert cpu_backend.load(), cpu_backend.status()["reason"]
+    monkeypatch.setattr(cpu_backend._state, "force_fallback", request.param != "kernels")
+    replay = request.param != "packed"
     monkeypatch.setattr(single_module, "_uses_drop_positions", lambda device: replay)
     return request.param
 
@@ -202,7 +206,7 @@ def test_masks_are_the_single_ops_masks_bit_for_bit(drop_p, mask_form, form):
     y, hidden, order, offsets, mask, mask_sizes = OP_FWD(x, w, b, a_s, b_s, rngs, index, list(SCALINGS), [drop_p] * 3, True)
     torch.testing.assert_close(order, torch.sort(index, stable=True).indices, rtol=0, atol=0)
     torch.testing.assert_close(offsets, torch.tensor([1, 3, 4, 6]), rtol=0, atol=0)
-    chunks = list(torch.split(mask, mask_sizes.tolist())) if mask_form == "positions" else None
+    chunks = list(torch.split(mask, mask_sizes.tolist())) if mask_form != "packed" else None
     for j in range(3):
         rows = token_rows(index, (6, 3), j)
         _, hidden_j, mask_j = SINGLE_FWD(x.reshape(-1, k)[rows], w, b, a_s[j], b_s[j], rngs[j], SCALINGS[j], drop_p, True)

@@ -8,17 +8,19 @@ import math
 import pytest
 import torch
 
-from lightning_peft.ops import lora_linear
+from lightning_peft.ops import cpu_backend, lora_linear
 from lightning_peft.ops.dropout_mask import (
     decode_drop_positions,
     draw_drops,
     drop_threshold,
     encode_drop_positions,
+    hashed_keep_mask,
     pack_mask,
     quantized_drop_probability,
     unpack_mask,
 )
 from lightning_peft.ops.lora_linear import dropout_keep_mask
+from lightning_peft.ops.philox import philox_keep_mask
 
 # The module (the package's ops/__init__ re-exports the function of the same name).
 lora_linear_module = importlib.import_module("lightning_peft.ops.lora_linear")
@@ -26,11 +28,15 @@ OP_FWD = torch.ops.lightning_peft.lora_linear_forward.default
 OP_BWD = torch.ops.lightning_peft.lora_linear_backward.default
 
 
-@pytest.fixture(params=["positions", "packed"])
+@pytest.fixture(params=["kernels", "positions", "packed"])
 def mask_form(request, monkeypatch):
-    """Run a test with each of the PyTorch path's two mask forms: the CPU's drop positions, and the
-    Philox packed keep-bits that other devices (and the CUDA kernels) draw, here on CPU tensors."""
-    replay = request.param == "positions"
+    """Run a test on each CPU implementation: the compiled CPU kernels (hashed mask, its key kept),
+    and the PyTorch path with each of its two mask forms: the CPU's drop positions, and the Philox
+    packed keep-bits that other devices (and the CUDA kernels) draw, here on CPU tensors."""
+    if request.param == "kernels":
+        assert cpu_backend.load(), cpu_backend.status()["reason"]
+    monkeypatch.setattr(cpu_backend._state, "force_fallback", request.param != "kernels")
+    replay = request.param != "packed"  # the kernels' key, like positions, is a 1-D CPU mask
     monkeypatch.setattr(lora_linear_module, "_uses_drop_positions", lambda device: replay)
     return request.param
 
@@ -46,6 +52,17 @@ def make_inputs(lead=(3, 5), k=19, d=13, r=4, dtype=torch.float64, bias=True, we
     a = torch.randn(r, k, dtype=dtype, generator=g)
     bb = torch.randn(d, r, dtype=dtype, generator=g)
     return x, weight, b, a, bb
+
+
+def forward_keep_mask(mask_form, seed, offset, rows, cols, p):
+    """The keep mask bool [rows, cols] a CPU forward with key (seed, offset) draws, recomputed independently."""
+    if mask_form == "kernels":
+        return hashed_keep_mask(seed, offset, rows, cols, p)
+    if mask_form == "packed":
+        return unpack_mask(philox_keep_mask(torch.tensor([seed, offset]), rows, cols, drop_threshold(p)), cols)
+    keep = torch.ones(rows * cols, dtype=torch.bool)
+    keep[draw_drops(rows * cols, p, torch.tensor([seed, offset]))[0]] = False
+    return keep.view(rows, cols)
 
 
 def reference(x, weight, bias, a, b, scaling, keep, drop_p):
@@ -69,7 +86,7 @@ def test_matches_float64_reference(drop_p, training, bias, weight_transposed, ma
     y, hidden, mask = OP_FWD(x, w, b, a, bb, rng, 0.7, drop_p, training)
     active = training and drop_p > 0
     if active:
-        assert mask.dtype == torch.uint8 and mask.dim() == (1 if mask_form == "positions" else 2)
+        assert mask.dtype == torch.uint8 and mask.dim() == (2 if mask_form == "packed" else 1)
         keep = dropout_keep_mask(mask, x.shape[:-1].numel(), x.shape[-1], drop_p)
         p_eff = quantized_drop_probability(drop_p)
     else:
@@ -399,7 +416,8 @@ def test_dropped_nan_and_inf_become_exactly_zero(dtype, mask_form):
 
 def test_saved_for_backward_is_x_plus_at_most_a_bit_per_element(mask_form):
     """Backward keeps x, the small [N, r] hidden and the mask in at most 1 bit per element
-    (encoded drop positions on CPU, packed bits elsewhere): no dropped-out copy of x, no byte mask."""
+    (the CPU kernels' key, encoded drop positions on CPU, packed bits elsewhere): no dropped-out
+    copy of x, no byte mask."""
     x, w, b, a, bb = make_inputs(dtype=torch.float32, lead=(32,), k=64, d=48, r=4)
     x.requires_grad_(True)
     a.requires_grad_(True)
@@ -418,7 +436,9 @@ def test_saved_for_backward_is_x_plus_at_most_a_bit_per_element(mask_form):
     assert any(t.data_ptr() == x.data_ptr() for t in saved)
     masks = [t for t in saved if t.dtype == torch.uint8]
     assert len(masks) == 1
-    if mask_form == "positions":
+    if mask_form == "kernels":  # the key alone: the kernels draw the mask again
+        assert masks[0].shape == (17,)
+    elif mask_form == "positions":
         assert masks[0].dim() == 1 and masks[0].numel() <= 1 + n * k // 8
     else:
         assert masks[0].shape == (n, k // 8)
@@ -465,15 +485,13 @@ def test_drop_positions_encode_detects_an_increment_that_does_not_fit(jump, form
 
 
 @pytest.mark.parametrize("p", [0.1, 0.4])  # distances kept as bytes / the key kept and drawn again
-def test_backward_uses_the_forwards_mask_after_the_key_advances(p):
+def test_backward_uses_the_forwards_mask_after_the_key_advances(p, mask_form):
     """The layer advances its rng buffer in place after forward; backward must still use the forward's mask."""
     x, w, b, a, bb = make_inputs(lead=(6,), k=24, d=5, r=3)
     a.requires_grad_(True)
     rng = torch.tensor([3, 0])
     y = lora_linear(x, w, b, a, bb, scaling=1.0, dropout_p=p, rng=rng, training=True)
-    keep = torch.ones(6 * 24, dtype=torch.bool)
-    keep[draw_drops(6 * 24, p, torch.tensor([3, 0]))[0]] = False
-    keep = keep.view(6, 24)
+    keep = forward_keep_mask(mask_form, 3, 0, 6, 24, p)
     rng[1] += 1  # what advance_dropout_rng does before the next step
     (grad_a,) = torch.autograd.grad(y.sum(), a)
     ref = reference(x, w, b, a, bb, 1.0, keep, quantized_drop_probability(p))

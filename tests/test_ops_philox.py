@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_peft.ops import lora_linear
+from lightning_peft.ops import cpu_backend, lora_linear
 from lightning_peft.ops.dropout_mask import drop_threshold
 from lightning_peft.ops.philox import philox4x32_10, philox_keep_mask
 from test_cuda_reference import fresh_seed, philox4x32_10 as philox_numpy, philox_mask_reference
@@ -57,8 +57,9 @@ def test_keep_mask_compiles_into_one_graph():
 
 @pytest.fixture
 def packed_on_cpu(monkeypatch):
-    """The op's non-CPU path (Philox packed keep-bits) on CPU tensors."""
+    """The op's non-CPU path (Philox packed keep-bits) on CPU tensors (the CPU kernels switched off)."""
     monkeypatch.setattr(importlib.import_module("lightning_peft.ops.lora_linear"), "_uses_drop_positions", lambda device: False)
+    monkeypatch.setattr(cpu_backend._state, "force_fallback", True)
 
 
 def test_op_forward_mask_is_the_kernels_mask(packed_on_cpu):

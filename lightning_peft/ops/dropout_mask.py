@@ -9,6 +9,9 @@ independently with probability ``quantized_drop_probability(p)`` (within 2^-17 o
   with a copy plus ``index_fill_``. Backward keeps the distances between drops, one byte each, or,
   where that would cost more than a bit per element or a distance passes 255, the key to draw them
   again (:func:`encode_drop_positions`).
+* **CPU with the compiled kernels: a hashed draw** (:func:`hashed_keep_mask`), one counter-based
+  hash per 4 elements that csrc/cpu/lora_rows.cpp computes inside its passes over the rows; backward
+  keeps only the key (:func:`encode_hash_key`) and draws again.
 * **Other devices: packed keep-bits** (``philox.philox_keep_mask``), the CUDA kernels' layout:
   ``uint8 [N, ceil(K / 8)]``, bit ``j`` (least significant first) of byte ``b`` in row ``n`` is 1
   when element ``(n, 8 * b + j)`` is kept; padding bits past K are 0 (:func:`pack_mask`,
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,6 +32,9 @@ __all__ = [
     "draw_drops",
     "encode_drop_positions",
     "decode_drop_positions",
+    "encode_hash_key",
+    "hashed_keep_mask",
+    "is_hash_key",
     "pack_mask",
     "unpack_mask",
 ]
@@ -117,8 +124,8 @@ def draw_drops(numel: int, p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(position_batches), torch.cat(increment_batches)
 
 
-# First byte of an encoded drop-position mask: how the rest is to be read.
-_REPLAY_KEY, _DISTANCES_UINT8 = 0, 1
+# First byte of an encoded CPU mask: how the rest is to be read.
+_REPLAY_KEY, _DISTANCES_UINT8, _HASH_KEY = 0, 1, 2
 
 
 def encode_drop_positions(increments: Tensor, numel: int, rng: Tensor) -> Tensor:
@@ -149,10 +156,65 @@ def encode_drop_positions(increments: Tensor, numel: int, rng: Tensor) -> Tensor
 
 
 def decode_drop_positions(encoded: Tensor, numel: int, p: float) -> Tensor:
-    """Inverse of :func:`encode_drop_positions`: the sorted ``int64 [n_dropped]`` drop positions."""
+    """Inverse of :func:`encode_drop_positions` and :func:`encode_hash_key`: the sorted ``int64 [n_dropped]`` drop positions."""
+    if int(encoded[0]) == _HASH_KEY:
+        seed, offset = encoded[1:].clone().view(torch.int64).tolist()
+        if hasattr(torch.ops, "lightning_peft_cpu") and hasattr(torch.ops.lightning_peft_cpu, "lora_rows_keep_mask"):
+            keep = torch.ops.lightning_peft_cpu.lora_rows_keep_mask(seed, offset, 1, numel, p)  # compiled: same bits, faster
+        else:
+            keep = hashed_keep_mask(seed, offset, 1, numel, p)
+        return (~keep).view(-1).nonzero().squeeze(1)
     if int(encoded[0]) == _REPLAY_KEY:
         return draw_drops(numel, p, encoded[1:].clone().view(torch.int64))[0]  # clone: aligned for the view
     return encoded[1:].cumsum(0, dtype=torch.int64)
+
+
+def encode_hash_key(rng: Tensor) -> Tensor:
+    """What backward keeps of a hashed CPU mask (:func:`hashed_keep_mask`): ``uint8 [17]``, a format
+    byte and the 16 bytes of the ``(seed, offset)`` key (copied: the layer advances its buffer in place)."""
+    encoded = torch.empty((1 + 16,), dtype=torch.uint8)
+    encoded[0] = _HASH_KEY
+    encoded[1:] = rng.to(dtype=torch.int64, copy=True).view(torch.uint8)
+    return encoded
+
+
+def is_hash_key(mask: Tensor) -> bool:
+    """Whether a forward's CPU ``mask`` output is an :func:`encode_hash_key` key."""
+    return mask.dim() == 1 and mask.numel() == 17 and int(mask[0]) == _HASH_KEY
+
+
+_M64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on ``uint64`` arrays (numpy wraps uint64 products modulo 2^64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def hashed_keep_mask(seed: int, offset: int, rows: int, cols: int, p: float) -> Tensor:
+    """The keep mask ``bool [rows, cols]`` of csrc/cpu/lora_rows.cpp's hashed draw for key ``(seed, offset)``.
+
+    A reference in numpy (the kernels compute the same inside their passes): with ``mix64``
+    SplitMix64's finaliser and ``G = 0x9E3779B97F4A7C15``, ``key = mix64(seed + mix64(offset + G))``;
+    flat element ``e`` (row-major) draws the 16 bits ``16 (e % 4) ..`` of ``mix64(key + (e // 4 + 1) G)``
+    and is dropped when that draw is below ``drop_threshold(p)`` (all arithmetic modulo 2^64).
+    """
+    numel = rows * cols
+    key = _key_of(seed, offset)
+    counters = np.arange(1, (numel + 3) // 4 + 1, dtype=np.uint64)
+    words = _mix64(np.uint64(key) + counters * np.uint64(_GAMMA))
+    draws = words.astype("<u8").view("<u2")[:numel]
+    keep = torch.from_numpy(draws >= drop_threshold(p))
+    return keep.view(rows, cols)
+
+
+def _key_of(seed: int, offset: int) -> int:
+    """The 64-bit key of :func:`hashed_keep_mask` from a signed ``(seed, offset)`` pair."""
+    inner = int(_mix64(np.array([(offset + _GAMMA) & _M64], dtype=np.uint64))[0])
+    return int(_mix64(np.array([(seed + inner) & _M64], dtype=np.uint64))[0])
 
 
 def pack_mask(keep: Tensor) -> Tensor:

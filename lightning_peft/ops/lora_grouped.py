@@ -77,7 +77,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from lightning_peft.ops.dropout_mask import draw_drops, drop_threshold, encode_drop_positions
+from lightning_peft.ops import cpu_backend
+from lightning_peft.ops.dropout_mask import draw_drops, drop_threshold, encode_drop_positions, encode_hash_key
 from lightning_peft.ops.philox import philox_keep_mask
 
 # The module, not the package attribute of the same name (lightning_peft.ops re-exports the
@@ -275,16 +276,21 @@ class _Permutation:
         return t2.reshape(self.units, -1).index_select(0, self._inverse).view(t2.shape)
 
 
-def _draw_segment_mask(n: int, k: int, device: torch.device, dropout_p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
-    """The single op's dropout draw for a sub-batch of ``n`` tokens ``[n, K]``: ``(dropped, mask)``.
+def _draw_segment_mask(n: int, k: int, x: Tensor, lora_a: Tensor, dropout_p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
+    """The single op's dropout draw for a sub-batch of ``n`` tokens ``[n, K]`` of ``x`` with adapter
+    weight ``lora_a``: ``(dropped, mask)``.
 
-    Same draw, same key, same layout as ``lora_linear._dropout_hidden``, so the mask is the one the
-    single op would draw on this sub-batch.
+    Same draw, same key, same layout as the single op on that sub-batch (its CPU kernels' hashed
+    mask when they would run, else ``lora_linear._dropout_hidden``'s), so the mask is the one the
+    single op would draw.
     """
-    if _single._uses_drop_positions(device):
+    if cpu_backend.draws_hashed_masks(x, lora_a):
+        keep = cpu_backend.hashed_keep_mask(rng, n, k, dropout_p)
+        return (~keep).view(-1).nonzero().squeeze(1), encode_hash_key(rng)
+    if _single._uses_drop_positions(x.device):
         dropped, increments = draw_drops(n * k, dropout_p, rng)
         return dropped, encode_drop_positions(increments, n * k, rng)
-    mask = philox_keep_mask(rng.to(device), n, k, drop_threshold(dropout_p))
+    mask = philox_keep_mask(rng.to(x.device), n, k, drop_threshold(dropout_p))
     return ~_single.unpack_mask(mask, k), mask
 
 
@@ -494,7 +500,7 @@ def forward_pytorch(
                 start, end = unit_bounds[j], unit_bounds[j + 1]
                 if not active[j] or start == end:
                     continue
-                dropped, mask_j = _draw_segment_mask((end - start) * per_unit, k, x.device, dropout_ps[j], rngs[j])
+                dropped, mask_j = _draw_segment_mask((end - start) * per_unit, k, x, lora_as[j], dropout_ps[j], rngs[j])
                 drops.add(dropped, order[start:end])
                 if packed is not None:
                     packed[start * per_unit : end * per_unit] = mask_j
@@ -521,7 +527,7 @@ def forward_pytorch(
         x_seg = x_sorted[start:end]  # [n_j, K]: adapter j's sub-batch in its original order
         if active[j]:
             x_seg = x_seg.clone()  # x itself (or the sorted copy the base GEMM reads) stays intact
-            dropped, mask_j = _draw_segment_mask(end - start, k, x.device, dropout_ps[j], rngs[j])
+            dropped, mask_j = _draw_segment_mask(end - start, k, x, lora_as[j], dropout_ps[j], rngs[j])
             _single._zero_dropped_(x_seg, dropped)
             if packed is not None:
                 packed[start:end] = mask_j

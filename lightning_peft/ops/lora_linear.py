@@ -1,9 +1,9 @@
 """The LoRA linear op: ``y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ`` behind one ``torch.library`` op.
 
-This module is the only place where LoRA math is chosen per device. The schema lives here in
-Python so the op exists with or without the compiled extension; this file registers the lean
-pure-PyTorch implementation for every device, and ``lightning_peft._C`` (csrc/) adds CUDA
-kernels for the same two ops when it is built.
+The schema lives here in Python so the op exists with or without compiled code; this file
+registers the lean pure-PyTorch implementation for every device. Two backends take precedence
+where they load: :mod:`~lightning_peft.ops.cpu_backend` (csrc/cpu/lora_rows.cpp, fused row passes
+on the CPU, compiled on first use) and :mod:`~lightning_peft.ops.cuda_backend` (csrc/, CUDA).
 
 Two ops, like flash-attention's forward/backward pair, so autograd stays in Python and each
 backend only implements plain tensor-in/tensor-out kernels:
@@ -25,9 +25,10 @@ Shapes (N = product of x's leading dims, K = in features, D = out features, r = 
     bias ``[D]`` or None, lora_a ``[r, K]``, lora_b ``[D, r]``, rng ``int64 [2]`` = (seed, offset),
     y ``[*, D]``, lora_hidden ``[N, r]`` = dropout(x) Aᵀ (already divided by the keep probability),
     mask: what backward needs to rebuild the dropout mask (``[0]`` when dropout is off), either
-      * ``uint8 [M]`` (1-D, M data-dependent) encoded drop positions: distances between drops, or
-        the key to draw them again, never more than 1 bit per element (CPU tensors; see
-        ``dropout_mask.encode_drop_positions``), or
+      * ``uint8 [M]`` (1-D, M data-dependent) on CPU tensors: the CPU kernels' key (17 bytes; they
+        draw the mask again, ``dropout_mask.encode_hash_key``), or this file's encoded drop
+        positions: distances between drops, or the key to draw them again, never more than 1 bit
+        per element (``dropout_mask.encode_drop_positions``), or
       * ``uint8 [N, ceil(K/8)]`` packed keep-bits (other devices: the CUDA kernels' Philox bits,
         drawn by the fallback too, on the device: ``philox.philox_keep_mask``),
     scale ``[D]`` or None, grad_x ``[*, K]`` (``[0]`` when ``compute_grad_x`` is False), grad_a ``[r, K]``, grad_b ``[D, r]``.
