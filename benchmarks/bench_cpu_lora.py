@@ -8,7 +8,9 @@ gradients are cleared outside the timed region. LoRA r=8, alpha=16.
 Configurations: ``floor`` (the model frozen, ``enable_input_require_grads()``: backward runs down
 to the embeddings with no parameter gradients), ``peft-{qv,all}-p{0,0.1}`` and
 ``ours-{qv,all}-p{0,0.1}`` (``get_peft_model`` of each library; q,v or ``"all-linear"``; dropout
-0 or 0.1), and, only when named in ``--configs``, DoRA: ``peft-dora-...`` / ``ours-dora-...``
+0 or 0.1; ours with its compiled CPU kernels, checked), ``ourspy-all-p0.1`` (ours on its
+pure-PyTorch path, ``LIGHTNING_PEFT_FORCE_FALLBACK=1``: what runs without a C++ compiler; the other
+``ourspy-...`` settings only when named), and, only when named in ``--configs``, DoRA: ``peft-dora-...`` / ``ours-dora-...``
 (``use_dora=True``; grouped with the LoRA configs of the same setting, so ``ours-dora`` also gets
 a ratio to ``ours``' LoRA step). Each configuration is its own process (so its peak RSS, ``ru_maxrss``, is its own;
 every process imports torch, transformers, peft and lightning_peft alike).
@@ -23,7 +25,7 @@ the kernel microbenchmarks use them.)
 
 Usage::
 
-    python benchmarks/bench_cpu_lora.py                 # ~8 min: writes benchmarks/results/cpu_lora.{md,json}
+    python benchmarks/bench_cpu_lora.py                 # ~9 min: writes benchmarks/results/cpu_lora.{md,json}
     python benchmarks/bench_cpu_lora.py --readme        # and rewrites README.md's CPU table from it
     python benchmarks/bench_cpu_lora.py --readme-only   # only that, from the saved results
     python benchmarks/bench_cpu_lora.py --rounds 4      # twice the groups: a steadier median
@@ -63,9 +65,13 @@ MODEL_CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 TARGET_LABEL = {"qv": "q,v", "all": "all-linear"}
 DROPOUTS = {"p0": 0.0, "p0.1": 0.1}
-CONFIGS = ["floor"] + [f"{impl}-{t}-{p}" for t in TARGETS for p in DROPOUTS for impl in ("peft", "ours")]
+#: "ours" runs the compiled CPU kernels (asserted); "ourspy" the same library on its pure-PyTorch path
+#: (LIGHTNING_PEFT_FORCE_FALLBACK=1), what runs where the kernels cannot be compiled
+IMPLS = ("peft", "ours", "ourspy")
+CONFIGS = ["floor"] + [f"{impl}-{t}-{p}" for t in TARGETS for p in DROPOUTS for impl in ("peft", "ours")] + ["ourspy-all-p0.1"]
 #: DoRA variants: known, but run only when named (not part of the default run or the README table)
-DORA_CONFIGS = [f"{impl}-dora-{t}-{p}" for t in TARGETS for p in DROPOUTS for impl in ("peft", "ours")]
+DORA_CONFIGS = [f"{impl}-dora-{t}-{p}" for t in TARGETS for p in DROPOUTS for impl in IMPLS]
+PY_CONFIGS = [f"ourspy-{t}-{p}" for t in TARGETS for p in DROPOUTS]
 #: glibc keeps freed heap instead of handing it back to the OS and faulting it in again next step
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 TUNED = "+malloc"  # suffix of a process run with MALLOC_ENV (--malloc-ab)
@@ -84,15 +90,18 @@ def parse_config(name: str) -> tuple[str, Optional[str], Optional[float]]:
         return "floor", None, None
     impl, _, rest = name.replace("-dora-", "-", 1).partition("-")
     target, _, p = rest.partition("-")
-    if impl not in ("peft", "ours") or target not in TARGETS or p not in DROPOUTS:
-        raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS + DORA_CONFIGS)}")
+    if impl not in IMPLS or target not in TARGETS or p not in DROPOUTS:
+        raise ValueError(f"unknown config {name!r}; known: {', '.join(dict.fromkeys(CONFIGS + PY_CONFIGS + DORA_CONFIGS))}")
     return impl, target, DROPOUTS[p]
 
 
 def describe(name: str) -> str:
     impl, target, p = parse_config(name)
     method = " DoRA" if is_dora(name) else ""
-    return "floor (frozen, input grads)" if impl == "floor" else f"{impl}{method} {TARGET_LABEL[target]} p={p:g}"
+    if impl == "floor":
+        return "floor (frozen, input grads)"
+    who = "ours, PyTorch path" if impl == "ourspy" else impl
+    return f"{who}{method} {TARGET_LABEL[target]} p={p:g}"
 
 
 def mean_and_standard_error(values: list[float]) -> tuple[float, float]:
@@ -119,7 +128,7 @@ def build(name: str) -> tuple[Any, Callable[[], float], Callable[[], None], dict
         model.requires_grad_(False)
         model.enable_input_require_grads()
     else:
-        lib = peft if impl == "peft" else lightning_peft
+        lib = peft if impl == "peft" else lightning_peft  # ours and ourspy differ by the environment (Child)
         model = lib.get_peft_model(model, lib.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=p,
                                                          target_modules=TARGETS[target], use_dora=is_dora(name)))
     model.train()
@@ -148,7 +157,11 @@ def serve(name: str) -> None:
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             print("STEP " + json.dumps({"wall_s": wall, "minor_faults": faults, "loss": loss}), flush=True)
         elif line.strip() == "done":
-            print("DONE " + json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+            from lightning_peft.ops import cpu_backend
+
+            print("DONE " + json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                        "cpu_kernels": cpu_backend.status()["available"] and not cpu_backend.status()["force_fallback"]}),
+                  flush=True)
             return
 
 
@@ -161,6 +174,7 @@ class Child:
                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))  # this checkout's package
         if name.endswith(TUNED):
             env.update(MALLOC_ENV)
+        env["LIGHTNING_PEFT_FORCE_FALLBACK"] = "1" if name.startswith("ourspy-") else "0"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", name.removesuffix(TUNED)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
 
@@ -208,6 +222,10 @@ def run_group(group: list[str], rnd: int, steps: int, warmup: int) -> list[dict[
     finally:
         for c in children:
             c.close()
+    for name, d in zip(group, done):  # never report the PyTorch path as the kernels, or the reverse
+        if parse_config(name.removesuffix(TUNED))[0] in ("ours", "ourspy") and d["cpu_kernels"] != name.startswith("ours-"):
+            raise RuntimeError(f"{name}: the CPU kernels were {'' if d['cpu_kernels'] else 'not '}used "
+                               f"({'see lightning_peft.ops.cpu_backend.status()' if not d['cpu_kernels'] else 'fallback not forced'})")
     return [{"config": name, "round": rnd, "group": group, **info[k], **done[k],
              "median_step_s": statistics.median(r["wall_s"] for r in records[k]),
              "median_minor_faults": statistics.median(r["minor_faults"] for r in records[k]),
@@ -236,7 +254,7 @@ def table_rows(runs: list[dict], configs: list[str]) -> list[dict[str, Any]]:
             "median_minor_faults": statistics.median(r["median_minor_faults"] for r in mine),
             "trainable_params": mine[0]["trainable_params"], "first_loss": mine[0]["first_loss"]}
         refs = {"floor": "floor" + suffix if base != "floor" else None,
-                "peft": "peft" + base[len("ours"):] + suffix if base.startswith("ours") else None,
+                "peft": "peft" + base[base.index("-"):] + suffix if base.startswith("ours") else None,
                 "default": base if suffix else None,
                 "lora": base.replace("-dora-", "-") + suffix if is_dora(base) and base.startswith("ours") else None}
         for key, ref in refs.items():
@@ -301,7 +319,7 @@ def readme_table(rows: list[dict], goals: list[dict], env: dict[str, Any]) -> st
     """The README's CPU table: step, in-group ratios and RSS per row, where it ran, the targets' verdicts."""
     lines = ["| configuration | step (s, median) | × floor | × peft | peak RSS above floor |", "|---|---:|---:|---:|---:|"]
     for r in rows:
-        label = f"**{r['label']}**" if r["config"].startswith("ours") else r["label"]
+        label = f"**{r['label']}**" if r["config"].startswith("ours-") else r["label"]
         above = f"+{r['rss_above_floor_mib']:.0f} MiB" if "rss_above_floor_mib" in r else ""
         lines.append(f"| {label} | {r['median_step_s']:.3f} | {r.get('x_floor', 1):.3f} | "
                      f"{format(r['x_peft'], '.3f') if 'x_peft' in r else ''} | {above} |")
@@ -407,7 +425,7 @@ def profile(name: str, steps: int = 3) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)} (default) "
-                    f"and of {','.join(DORA_CONFIGS)}")
+                    f"and of {','.join(PY_CONFIGS + DORA_CONFIGS)}")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per process (median taken)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per process first")
     ap.add_argument("--rounds", type=int, default=2, help="times every group runs (alternating order)")
@@ -441,6 +459,11 @@ def main() -> None:
     for c in configs:
         parse_config(c)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still closes its children (finally)
+    if any(c.startswith("ours-") for c in configs):  # compile the CPU kernels once, before any child wants them
+        from lightning_peft.ops import cpu_backend
+
+        if not cpu_backend.load():
+            sys.exit(f"the CPU kernels are unavailable: {cpu_backend.status()['reason']}")
     groups = make_groups(configs, args.malloc_ab)
     runs: list[dict] = []
     for rnd in range(args.rounds):

@@ -120,23 +120,27 @@ def plot_methods(runs: list[dict], out_png: str) -> None:
 
 
 def plot_cpu(saved: dict, out_png: str) -> None:
-    """Median step time of peft and ours per (targets, dropout) against the floor, annotated with the in-group ratios."""
+    """Median step time of peft and ours (and ours' PyTorch path where measured) per (targets, dropout)
+    against the floor, annotated with the in-group ratios."""
     rows = {r["config"]: r for r in saved["table"]}
     settings = [(t, p) for t in ("qv", "all") for p in ("p0", "p0.1") if f"ours-{t}-{p}" in rows]
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    width = 0.38
-    for i, (impl, color) in enumerate((("peft", "#d62728"), ("ours", "#2ca02c"))):
+    impls = [("peft", "#d62728", "HF peft"), ("ours", "#2ca02c", "lightning_peft (CPU kernels)")]
+    if any(name.startswith("ourspy-") for name in rows):  # the PyTorch path, where it was measured
+        impls.append(("ourspy", "#98df8a", "lightning_peft, PyTorch path"))
+    width = 0.8 / len(impls)
+    for i, (impl, color, name) in enumerate(impls):
         xs, heights = [], []
         for k, (t, p) in enumerate(settings):
             row = rows.get(f"{impl}-{t}-{p}")
             if row:
-                xs.append(k + (i - 0.5) * width)
+                xs.append(k + (i - (len(impls) - 1) / 2) * width)
                 heights.append(row["median_step_s"])
                 label = f"{row['x_floor']:.2f}× floor" if "x_floor" in row else ""
                 if "x_peft" in row:
                     label += f"\n{row['x_peft']:.2f}× peft"
                 ax.text(xs[-1], heights[-1], label, ha="center", va="bottom", fontsize=8)
-        ax.bar(xs, heights, width, color=color, label="HF peft" if impl == "peft" else "lightning_peft")
+        ax.bar(xs, heights, width, color=color, label=name)
     if "floor" in rows:
         floor = rows["floor"]["median_step_s"]
         ax.axhline(floor, color="black", ls="--", lw=1, label=f"floor: frozen model, no LoRA ({floor:.3f} s)")
