@@ -13,17 +13,20 @@ import math
 import pytest
 import torch
 
-from lightning_peft.ops import cpu_backend
-from lightning_peft.ops.dropout_mask import hashed_keep_mask, quantized_drop_probability
+from lightning_peft.ops import cpu_backend, lora_grouped_cpu
+from lightning_peft.ops import lora_linear_grouped
+from lightning_peft.ops.dropout_mask import encode_hash_key, hashed_keep_mask, quantized_drop_probability
 from lightning_peft.ops.lora_linear import dropout_keep_mask, lora_linear
 
 OP_FWD = torch.ops.lightning_peft.lora_linear_forward.default
 
 
 @pytest.fixture(autouse=True)
-def kernels():
-    """Every test here needs the kernels: a missing compiler must fail, not skip."""
+def kernels(monkeypatch):
+    """Every test here needs the kernels: a missing compiler must fail, not skip. The grouped op's
+    kernels run on units of any size here (grouped_case has 5 tokens per row)."""
     assert cpu_backend.load(), cpu_backend.status()["reason"]
+    monkeypatch.setattr(lora_grouped_cpu, "MIN_UNIT_TOKENS", 1)
     with cpu_backend.force_fallback(False):
         yield
 
@@ -201,3 +204,48 @@ def test_half_precision_and_mixed_dtypes_take_the_pytorch_path():
     with cpu_backend.force_fallback(True):
         y_ref, _, _ = OP_FWD(x, w, None, a, b, rng, 1.0, 0.2, True)
     assert torch.equal(y, y_ref)
+
+
+
+def grouped_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f64 = {"dtype": torch.float64}
+    x = torch.randn(6, 5, 24, generator=g, **f64)
+    w, bias = torch.randn(10, 24, generator=g, **f64), torch.randn(10, generator=g, **f64)
+    a_s = [torch.randn(r, 24, generator=g, **f64) for r in (2, 8, 3)]
+    b_s = [torch.randn(10, r, generator=g, **f64) for r in (2, 8, 3)]
+    rngs = [torch.tensor([5, j]) for j in range(3)]
+    index = torch.tensor([2, -1, 0, 2, 1, 0])  # per row, unsorted, with a base row
+    return x, w, bias, a_s, b_s, rngs, index
+
+
+def grouped_run(forward_fallback, backward_fallback):
+    """Output and gradients (x, As, Bs) of the grouped op with each direction's implementation chosen."""
+    x, w, bias, a_s, b_s, rngs, index = grouped_case()
+    leaves = [t.clone().requires_grad_() for t in (x, *a_s, *b_s)]
+    with cpu_backend.force_fallback(forward_fallback):
+        y = lora_linear_grouped(leaves[0], w, bias, leaves[1:4], leaves[4:], scalings=[0.5, 1.0, 2.0], dropout_ps=[0.3, 0.0, 0.5],
+                                rngs=rngs, adapter_index=index, training=True)
+    with cpu_backend.force_fallback(backward_fallback):
+        grads = torch.autograd.grad(y, leaves, torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape))
+    return (y, *grads)
+
+
+@pytest.mark.parametrize("forward_fallback", [False, True])
+def test_grouped_op_forward_of_one_implementation_backward_of_the_other(forward_fallback):
+    """The grouped op's CPU kernels keep the adapters' keys, its PyTorch path drop positions; either
+    backward accepts either forward's outputs (the same as running both directions alike)."""
+    mixed = grouped_run(forward_fallback, not forward_fallback)
+    alike = grouped_run(forward_fallback, forward_fallback)
+    for ours, theirs in zip(mixed, alike):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_op_takes_the_kernels_on_cpu():
+    """With the kernels loaded and dropout on, the grouped op's mask is the adapters' keys (one 17-byte
+    key per adapter with dropout); without dropout it takes the PyTorch forms (no mask either way)."""
+    x, w, bias, a_s, b_s, rngs, index = grouped_case()
+    assert lora_grouped_cpu.kernels_cover(x, w, bias, a_s, b_s)
+    out = torch.ops.lightning_peft.lora_grouped_forward.default(x, w, bias, a_s, b_s, rngs, index, [0.5, 1.0, 2.0], [0.3, 0.0, 0.5], True)
+    mask, mask_sizes = out[4], out[5]
+    assert mask_sizes.tolist() == [17, 0, 17] and torch.equal(mask[:17], encode_hash_key(rngs[0]))

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lightning_peft.ops import cpu_backend, lora_linear, lora_linear_grouped
+from lightning_peft.ops import cpu_backend, lora_grouped_cpu, lora_linear, lora_linear_grouped
 from lightning_peft.ops.dropout_mask import quantized_drop_probability
 from lightning_peft.ops.lora_linear import dropout_keep_mask
 
@@ -25,11 +25,14 @@ SCALINGS = (0.5, 1.25, 2.0)
 
 @pytest.fixture(params=["kernels", "positions", "packed"])
 def mask_form(request, monkeypatch):
-    """Each CPU mask form: the compiled CPU kernels' hashed mask (the grouped op draws it too), and
+    """Each CPU mask form: the compiled CPU kernels' hashed mask (the grouped op's CPU kernels with
+    dropout, its PyTorch path otherwise: both draw it), and
     the PyTorch path's CPU drop positions and the Philox packed keep-bits other devices draw (here
     on CPU tensors); both ops follow the same switches."""
     if request.param == "kernels":
         assert cpu_backend.load(), cpu_backend.status()["reason"]
+        # the grouped CPU kernels on every unit, however few tokens (per-token indices included)
+        monkeypatch.setattr(lora_grouped_cpu, "MIN_UNIT_TOKENS", 1)
     monkeypatch.setattr(cpu_backend._state, "force_fallback", request.param != "kernels")
     replay = request.param != "packed"
     monkeypatch.setattr(single_module, "_uses_drop_positions", lambda device: replay)

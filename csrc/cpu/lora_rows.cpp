@@ -91,6 +91,16 @@ struct Dropout {
   uint16_t threshold;  // 0: no dropout
 };
 
+// Where the kernels' rows live in x, y, grad_y and grad_x. Row i of the pass (of hidden, and of the
+// masked sub-batch: the mask is drawn over the pass's rows) is row i of those tensors, or, for the
+// grouped op, row i % T of unit units[i / T] (T rows each): one adapter's rows of a mixed batch in
+// place, without gathering them.
+struct RowMap {
+  const int64_t* units = nullptr;
+  int64_t rows_per_unit = 1;
+  int64_t operator()(int64_t i) const { return units ? units[i / rows_per_unit] * rows_per_unit + i % rows_per_unit : i; }
+};
+
 // Rows go through the kernels 4 at a time: each value of A, B or an accumulator loaded from L1
 // serves 4 rows' FMAs (the unblocked loops were load-bound: ~1.8x slower in the backward pass).
 // A block past the last row is filled with a zero row (inputs) and a scratch row (outputs), so
@@ -117,18 +127,18 @@ struct Scratch {
 // The block's rows as the LoRA branch sees them (x's row, its masked copy, or zeros past the last
 // row) and their draws (all zero without dropout: threshold 0 keeps them; zero past the last row).
 template <typename T>
-void block_inputs(const T* x, int64_t row0, const Shape& s, const Dropout& drop, Scratch<T>& sc, const T* xs[kBlock],
-                  const lane_t* draws[kBlock]) {
+void block_inputs(const T* x, int64_t row0, const Shape& s, const Dropout& drop, const RowMap& map, Scratch<T>& sc,
+                  const T* xs[kBlock], const lane_t* draws[kBlock]) {
   for (int b = 0; b < kBlock; ++b) {
     const int64_t row = row0 + b;
     if (row >= s.n || drop.threshold == 0) {
-      xs[b] = row >= s.n ? sc.zeros.data() : x + row * s.k;
+      xs[b] = row >= s.n ? sc.zeros.data() : x + map(row) * s.k;
       draws[b] = sc.zero_draws();
       continue;
     }
     draws[b] = draw_lanes(drop.key, row * s.k, s.k, sc.words.data() + b * sc.words_per_row);
     T* out = sc.masked.data() + b * s.k;
-    mask_row(x + row * s.k, draws[b], drop.threshold, s.k, out);
+    mask_row(x + map(row) * s.k, draws[b], drop.threshold, s.k, out);
     xs[b] = out;
   }
 }
@@ -179,7 +189,8 @@ void forward_block(const T* const xs[kBlock], T* const ys[kBlock], T* const hs[k
 }
 
 template <typename T, int R>
-void forward_rows(const T* x, const T* a, const T* bt, T* y, T* hidden, Shape s, Dropout drop, T keep_scale, T scaling) {
+void forward_rows(const T* x, const T* a, const T* bt, T* y, T* hidden, Shape s, Dropout drop, RowMap map, T keep_scale,
+                  T scaling) {
   const int64_t blocks = (s.n + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 4, [&](int64_t block_begin, int64_t block_end) {
     Scratch<T> sc(s, drop.threshold > 0);
@@ -189,10 +200,10 @@ void forward_rows(const T* x, const T* a, const T* bt, T* y, T* hidden, Shape s,
     T* hs[kBlock];
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       const int64_t row0 = blk * kBlock;
-      block_inputs(x, row0, s, drop, sc, xs, draws);
+      block_inputs(x, row0, s, drop, map, sc, xs, draws);
       for (int b = 0; b < kBlock; ++b) {
         const bool real = row0 + b < s.n;
-        ys[b] = real ? y + (row0 + b) * s.d : sc.sink.data();
+        ys[b] = real ? y + map(row0 + b) * s.d : sc.sink.data();
         hs[b] = real ? hidden + (row0 + b) * s.r : sc.sink.data();
       }
       forward_block<T, R>(xs, ys, hs, a, bt, s, keep_scale, scaling);
@@ -257,7 +268,7 @@ void backward_block(const T* const gs[kBlock], const T* const hs[kBlock], const 
 
 template <typename T, int R>
 void backward_rows(const T* g, const T* x, const T* a, const T* bt, const T* hidden, T* grad_x, T* grad_a, T* grad_bt,
-                   Shape s, Dropout drop, T alpha, T scaling) {
+                   Shape s, Dropout drop, RowMap map, T alpha, T scaling) {
   const int64_t blocks = (s.n + kBlock - 1) / kBlock;
   const int64_t chunks = std::clamp<int64_t>((s.n + kRowsPerChunk - 1) / kRowsPerChunk, 1, kMaxChunks);
   const int64_t per_chunk = s.r * (s.k + s.d);
@@ -274,13 +285,13 @@ void backward_rows(const T* g, const T* x, const T* a, const T* bt, const T* hid
       T* acc_bt = acc_a + s.r * s.k;               // [r, D]
       for (int64_t blk = c * blocks / chunks; blk < (c + 1) * blocks / chunks; ++blk) {
         const int64_t row0 = blk * kBlock;
-        block_inputs(x, row0, s, drop, sc, xs, draws);
+        block_inputs(x, row0, s, drop, map, sc, xs, draws);
         for (int b = 0; b < kBlock; ++b) {
           const int64_t row = row0 + b;
           const bool real = row < s.n;
-          gs[b] = real ? g + row * s.d : sc.zeros.data();
+          gs[b] = real ? g + map(row) * s.d : sc.zeros.data();
           hs[b] = real ? hidden + row * s.r : sc.zeros.data();
-          gxs[b] = grad_x == nullptr ? nullptr : real ? grad_x + row * s.k : sc.sink.data();
+          gxs[b] = grad_x == nullptr ? nullptr : real ? grad_x + map(row) * s.k : sc.sink.data();
         }
         backward_block<T, R>(gs, hs, xs, draws, gxs, a, bt, s, drop.threshold, alpha, scaling, acc_a, acc_bt);
       }
@@ -331,13 +342,29 @@ at::Tensor pad_rows(const at::Tensor& t, int64_t rank) {
   return padded;
 }
 
-// y [N, D] (x W^T + b on entry) gets the LoRA term added in place; returns hidden [N, r].
+// The pass's rows (all of x's, or the units' T rows each) and their map; checks the unit ids.
+std::pair<int64_t, RowMap> rows_of(const at::Tensor& x, const c10::optional<at::Tensor>& units, int64_t rows_per_unit) {
+  if (!units.has_value()) return {x.size(0), RowMap{}};
+  const at::Tensor& u = *units;
+  TORCH_CHECK(u.scalar_type() == at::kLong && u.dim() == 1 && u.is_contiguous() && u.device().is_cpu(),
+              "lora_rows: units must be a contiguous int64 CPU vector");
+  TORCH_CHECK(rows_per_unit > 0 && x.size(0) % rows_per_unit == 0, "lora_rows: rows_per_unit must divide x's rows");
+  const int64_t count = x.size(0) / rows_per_unit;
+  const int64_t* ids = u.data_ptr<int64_t>();
+  for (int64_t i = 0; i < u.numel(); ++i) TORCH_CHECK(ids[i] >= 0 && ids[i] < count, "lora_rows: unit id out of range");
+  return {u.numel() * rows_per_unit, RowMap{ids, rows_per_unit}};
+}
+
+// y [N, D] (x W^T + b on entry) gets the LoRA term added in place; returns hidden [n, r] for the
+// pass's n rows (N, or the units' rows in unit order).
 at::Tensor lora_rows_forward(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b, at::Tensor y,
-                             int64_t seed, int64_t offset, double dropout_p, double scaling) {
+                             int64_t seed, int64_t offset, double dropout_p, double scaling,
+                             const c10::optional<at::Tensor>& units, int64_t rows_per_unit) {
   check_rows_inputs(x, lora_a, lora_b);
   const int64_t r = lora_a.size(0);
-  const Shape s{x.size(0), x.size(1), lora_b.size(0), padded_rank(r)};
-  TORCH_CHECK(y.is_contiguous() && y.size(0) == s.n && y.size(1) == s.d && y.scalar_type() == x.scalar_type(),
+  const auto [n, map] = rows_of(x, units, rows_per_unit);
+  const Shape s{n, x.size(1), lora_b.size(0), padded_rank(r)};
+  TORCH_CHECK(y.is_contiguous() && y.size(0) == x.size(0) && y.size(1) == s.d && y.scalar_type() == x.scalar_type(),
               "lora_rows_forward: y must be a contiguous [N, D] tensor");
   const at::Tensor a = pad_rows(lora_a, s.r), bt = pad_rows(lora_b.t(), s.r);
   at::Tensor hidden = at::empty({s.n, s.r}, x.options());
@@ -346,24 +373,27 @@ at::Tensor lora_rows_forward(const at::Tensor& x, const at::Tensor& lora_a, cons
     with_rank(s.r, [&](auto rank) {
       forward_rows<scalar_t, decltype(rank)::value>(
           x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), bt.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-          hidden.data_ptr<scalar_t>(), s, drop, static_cast<scalar_t>(keep_scale_of(drop.threshold)), static_cast<scalar_t>(scaling));
+          hidden.data_ptr<scalar_t>(), s, drop, map, static_cast<scalar_t>(keep_scale_of(drop.threshold)),
+          static_cast<scalar_t>(scaling));
     });
   });
   return r == s.r ? hidden : hidden.narrow(1, 0, r).contiguous();
 }
 
 // grad_x [N, K] (g W on entry) gets the LoRA part added in place, unless it is empty (no grad_x
-// wanted); returns (grad_a [r, K], grad_b [D, r]).
+// wanted); hidden is the forward's [n, r]; returns (grad_a [r, K], grad_b [D, r]).
 std::tuple<at::Tensor, at::Tensor> lora_rows_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a,
                                                       const at::Tensor& lora_b, const at::Tensor& hidden, at::Tensor grad_x,
-                                                      int64_t seed, int64_t offset, double dropout_p, double scaling) {
+                                                      int64_t seed, int64_t offset, double dropout_p, double scaling,
+                                                      const c10::optional<at::Tensor>& units, int64_t rows_per_unit) {
   check_rows_inputs(x, lora_a, lora_b);
   const int64_t r = lora_a.size(0);
-  const Shape s{x.size(0), x.size(1), lora_b.size(0), padded_rank(r)};
-  TORCH_CHECK(grad_y.is_contiguous() && grad_y.size(0) == s.n && grad_y.size(1) == s.d, "lora_rows_backward: grad_y must be contiguous [N, D]");
-  TORCH_CHECK(hidden.size(0) == s.n && hidden.size(1) == r, "lora_rows_backward: hidden must be [N, r]");
+  const auto [n, map] = rows_of(x, units, rows_per_unit);
+  const Shape s{n, x.size(1), lora_b.size(0), padded_rank(r)};
+  TORCH_CHECK(grad_y.is_contiguous() && grad_y.size(0) == x.size(0) && grad_y.size(1) == s.d, "lora_rows_backward: grad_y must be contiguous [N, D]");
+  TORCH_CHECK(hidden.size(0) == s.n && hidden.size(1) == r, "lora_rows_backward: hidden must be [n, r]");
   const bool with_grad_x = grad_x.numel() > 0;
-  TORCH_CHECK(!with_grad_x || (grad_x.is_contiguous() && grad_x.size(0) == s.n && grad_x.size(1) == s.k),
+  TORCH_CHECK(!with_grad_x || (grad_x.is_contiguous() && grad_x.size(0) == x.size(0) && grad_x.size(1) == s.k),
               "lora_rows_backward: grad_x must be contiguous [N, K] or empty");
   const at::Tensor a = pad_rows(lora_a, s.r), bt = pad_rows(lora_b.t(), s.r);
   const at::Tensor hidden_padded = pad_rows(hidden.t(), s.r).t().contiguous();  // [N, R]
@@ -375,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor> lora_rows_backward(const at::Tensor& grad_y, 
       backward_rows<scalar_t, decltype(rank)::value>(
           grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), bt.data_ptr<scalar_t>(),
           hidden_padded.data_ptr<scalar_t>(), with_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr, grad_a.data_ptr<scalar_t>(),
-          grad_bt.data_ptr<scalar_t>(), s, drop, static_cast<scalar_t>(scaling * keep_scale_of(drop.threshold)),
+          grad_bt.data_ptr<scalar_t>(), s, drop, map, static_cast<scalar_t>(scaling * keep_scale_of(drop.threshold)),
           static_cast<scalar_t>(scaling));
     });
   });
@@ -400,8 +430,10 @@ at::Tensor lora_rows_keep_mask(int64_t seed, int64_t offset, int64_t rows, int64
 }  // namespace
 
 TORCH_LIBRARY(lightning_peft_cpu, m) {
-  m.def("lora_rows_forward(Tensor x, Tensor lora_a, Tensor lora_b, Tensor(a!) y, int seed, int offset, float dropout_p, float scaling) -> Tensor");
-  m.def("lora_rows_backward(Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor hidden, Tensor(a!) grad_x, int seed, int offset, float dropout_p, float scaling) -> (Tensor, Tensor)");
+  // units / rows_per_unit: the pass covers only those units of x (T rows each, in that order; the
+  // grouped op's rows of one adapter), the mask drawn over them as one sub-batch. None: all of x.
+  m.def("lora_rows_forward(Tensor x, Tensor lora_a, Tensor lora_b, Tensor(a!) y, int seed, int offset, float dropout_p, float scaling, Tensor? units=None, int rows_per_unit=1) -> Tensor");
+  m.def("lora_rows_backward(Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor hidden, Tensor(a!) grad_x, int seed, int offset, float dropout_p, float scaling, Tensor? units=None, int rows_per_unit=1) -> (Tensor, Tensor)");
   m.def("lora_rows_keep_mask(int seed, int offset, int rows, int cols, float dropout_p) -> Tensor");
 }
 

@@ -53,6 +53,7 @@ __all__ = [
     "hashed_keep_mask",
     "is_available",
     "jit_build",
+    "kernels_cover",
     "load",
     "set_force_fallback",
     "source_file",
@@ -158,7 +159,7 @@ def is_available() -> bool:
     return not _state.force_fallback and load()
 
 
-def _kernels_cover(x: Tensor, lora_a: Tensor, *others: Optional[Tensor]) -> bool:
+def kernels_cover(x: Tensor, lora_a: Tensor, *others: Optional[Tensor]) -> bool:
     """Whether this call can take the kernels: fp32 / fp64, one dtype throughout, rank <= MAX_RANK, not forced off."""
     if _state.force_fallback or x.dtype not in _KERNEL_DTYPES or not 1 <= lora_a.shape[0] <= MAX_RANK:
         return False
@@ -170,7 +171,7 @@ def _kernels_cover(x: Tensor, lora_a: Tensor, *others: Optional[Tensor]) -> bool
 def draws_hashed_masks(x: Tensor, lora_a: Tensor) -> bool:
     """Whether the LoRA op's forward on ``x`` with ``lora_a`` runs these kernels and so draws the hashed
     dropout mask (the grouped op draws the same for each adapter's sub-batch)."""
-    return x.device.type == "cpu" and _kernels_cover(x, lora_a)
+    return x.device.type == "cpu" and kernels_cover(x, lora_a)
 
 
 def hashed_keep_mask(rng: Tensor, rows: int, cols: int, dropout_p: float) -> Tensor:
@@ -189,7 +190,7 @@ def _forward_cpu(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, rng: Tensor, scaling: float,
     dropout_p: float, training: bool, scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if not _kernels_cover(x, lora_a, weight, bias, lora_b, scale):
+    if not kernels_cover(x, lora_a, weight, bias, lora_b, scale):
         return forward_pytorch(x, weight, bias, lora_a, lora_b, rng, scaling, dropout_p, training, scale)
     _check_inputs(x, weight, lora_a, lora_b, rng, dropout_p)
     k, d = x.shape[-1], _out_features(weight, lora_b)
@@ -219,7 +220,7 @@ def _backward_cpu(
     scaling: float, dropout_p: float, compute_grad_x: bool, scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     hashed = dropout_p > 0.0 and is_hash_key(mask)
-    if (dropout_p > 0.0 and not hashed) or not _kernels_cover(x, lora_a, grad_y, weight, lora_b, lora_hidden, scale):
+    if (dropout_p > 0.0 and not hashed) or not kernels_cover(x, lora_a, grad_y, weight, lora_b, lora_hidden, scale):
         return backward_pytorch(grad_y, x, weight, lora_a, lora_b, lora_hidden, mask, scaling, dropout_p, compute_grad_x, scale)
     n, k, d = lora_hidden.shape[0], x.shape[-1], lora_b.shape[0]
     _check_scale(scale, d)
