@@ -143,9 +143,43 @@ void block_inputs(const T* x, int64_t row0, const Shape& s, const Dropout& drop,
   }
 }
 
-// hidden[row] = ks * xs[b] A^T and y[row] += s * hidden[row] B^T for the 4 rows of a block. The
-// rank R is a template argument so that the loops over it unroll and the loops over K and D
-// vectorize (with a run-time rank GCC vectorized the short rank loop instead: 2-4x slower).
+// out[b][i] += sum_j c[b * R + j] * m[j * len + i] for the 4 rows of a block (where draws[b][i] >=
+// threshold when Masked): the rank-R combination of m's rows, B^T in forward and A in backward.
+// The rank R is a template argument so that the loop over it unrolls and the loop over i
+// vectorizes (with a run-time rank GCC vectorized the short rank loop instead: 2-4x slower).
+template <typename T, int R, bool Masked>
+inline void add_combination(const T* c, const T* m, int64_t len, T* const out[kBlock], const lane_t* const draws[kBlock],
+                            uint16_t threshold) {
+  T *o0 = out[0], *o1 = out[1], *o2 = out[2], *o3 = out[3];
+  const T *c0 = c, *c1 = c + R, *c2 = c + 2 * R, *c3 = c + 3 * R;
+  const lane_t* const* d = Masked ? draws : nullptr;
+  const lane_t *m0 = d ? d[0] : nullptr, *m1 = d ? d[1] : nullptr, *m2 = d ? d[2] : nullptr, *m3 = d ? d[3] : nullptr;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    T t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+#pragma GCC unroll 64
+    for (int j = 0; j < R; ++j) {
+      const T mv = m[j * len + i];
+      t0 += c0[j] * mv;
+      t1 += c1[j] * mv;
+      t2 += c2[j] * mv;
+      t3 += c3[j] * mv;
+    }
+    if constexpr (Masked) {
+      o0[i] += m0[i] >= threshold ? t0 : T(0);
+      o1[i] += m1[i] >= threshold ? t1 : T(0);
+      o2[i] += m2[i] >= threshold ? t2 : T(0);
+      o3[i] += m3[i] >= threshold ? t3 : T(0);
+    } else {
+      o0[i] += t0;
+      o1[i] += t1;
+      o2[i] += t2;
+      o3[i] += t3;
+    }
+  }
+}
+
+// hidden[row] = ks * xs[b] A^T and y[row] += s * hidden[row] B^T for the 4 rows of a block.
 template <typename T, int R>
 void forward_block(const T* const xs[kBlock], T* const ys[kBlock], T* const hs[kBlock], const T* a, const T* bt,
                    const Shape& s, T keep_scale, T scaling) {
@@ -168,24 +202,7 @@ void forward_block(const T* const xs[kBlock], T* const ys[kBlock], T* const hs[k
       sh[b * R + j] = scaling * h[b];
     }
   }
-  T *y0 = ys[0], *y1 = ys[1], *y2 = ys[2], *y3 = ys[3];
-  const T *c0 = sh, *c1 = sh + R, *c2 = sh + 2 * R, *c3 = sh + 3 * R;
-#pragma omp simd
-  for (int64_t i = 0; i < s.d; ++i) {
-    T t0 = 0, t1 = 0, t2 = 0, t3 = 0;
-#pragma GCC unroll 64
-    for (int j = 0; j < R; ++j) {
-      const T bv = bt[j * s.d + i];
-      t0 += c0[j] * bv;
-      t1 += c1[j] * bv;
-      t2 += c2[j] * bv;
-      t3 += c3[j] * bv;
-    }
-    y0[i] += t0;
-    y1[i] += t1;
-    y2[i] += t2;
-    y3[i] += t3;
-  }
+  add_combination<T, R, false>(sh, bt, s.d, ys, nullptr, 0);
 }
 
 template <typename T, int R>
@@ -246,24 +263,7 @@ void backward_block(const T* const gs[kBlock], const T* const hs[kBlock], const 
     for (int64_t i = 0; i < s.k; ++i) accj[i] += e0 * x0[i] + e1 * x1[i] + e2 * x2[i] + e3 * x3[i];
   }
   if (gxs[0] == nullptr) return;
-  T *o0 = gxs[0], *o1 = gxs[1], *o2 = gxs[2], *o3 = gxs[3];
-  const lane_t *m0 = draws[0], *m1 = draws[1], *m2 = draws[2], *m3 = draws[3];
-#pragma omp simd
-  for (int64_t i = 0; i < s.k; ++i) {
-    T t0 = 0, t1 = 0, t2 = 0, t3 = 0;
-#pragma GCC unroll 64
-    for (int j = 0; j < R; ++j) {
-      const T av = a[j * s.k + i];
-      t0 += d0[j] * av;
-      t1 += d1[j] * av;
-      t2 += d2[j] * av;
-      t3 += d3[j] * av;
-    }
-    o0[i] += m0[i] >= threshold ? t0 : T(0);
-    o1[i] += m1[i] >= threshold ? t1 : T(0);
-    o2[i] += m2[i] >= threshold ? t2 : T(0);
-    o3[i] += m3[i] >= threshold ? t3 : T(0);
-  }
+  add_combination<T, R, true>(dh, a, s.k, gxs, draws, threshold);
 }
 
 template <typename T, int R>
@@ -355,25 +355,39 @@ std::pair<int64_t, RowMap> rows_of(const at::Tensor& x, const c10::optional<at::
   return {u.numel() * rows_per_unit, RowMap{ids, rows_per_unit}};
 }
 
+// What both passes start from: the checked shape (rank padded), the row map, the factors at the
+// padded rank (A [R, K], B^T [R, D]) and the dropout key.
+struct Pass {
+  Shape s;
+  RowMap map;
+  at::Tensor a, bt;
+  Dropout drop;
+};
+
+Pass prepare_pass(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b, const c10::optional<at::Tensor>& units,
+                  int64_t rows_per_unit, int64_t seed, int64_t offset, double dropout_p) {
+  check_rows_inputs(x, lora_a, lora_b);
+  const auto [n, map] = rows_of(x, units, rows_per_unit);
+  const Shape s{n, x.size(1), lora_b.size(0), padded_rank(lora_a.size(0))};
+  return {s, map, pad_rows(lora_a, s.r), pad_rows(lora_b.t(), s.r), Dropout{key_of(seed, offset), threshold_of(dropout_p)}};
+}
+
 // y [N, D] (x W^T + b on entry) gets the LoRA term added in place; returns hidden [n, r] for the
 // pass's n rows (N, or the units' rows in unit order).
 at::Tensor lora_rows_forward(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b, at::Tensor y,
                              int64_t seed, int64_t offset, double dropout_p, double scaling,
                              const c10::optional<at::Tensor>& units, int64_t rows_per_unit) {
-  check_rows_inputs(x, lora_a, lora_b);
+  const Pass pass = prepare_pass(x, lora_a, lora_b, units, rows_per_unit, seed, offset, dropout_p);
+  const Shape& s = pass.s;
   const int64_t r = lora_a.size(0);
-  const auto [n, map] = rows_of(x, units, rows_per_unit);
-  const Shape s{n, x.size(1), lora_b.size(0), padded_rank(r)};
   TORCH_CHECK(y.is_contiguous() && y.size(0) == x.size(0) && y.size(1) == s.d && y.scalar_type() == x.scalar_type(),
               "lora_rows_forward: y must be a contiguous [N, D] tensor");
-  const at::Tensor a = pad_rows(lora_a, s.r), bt = pad_rows(lora_b.t(), s.r);
   at::Tensor hidden = at::empty({s.n, s.r}, x.options());
-  const Dropout drop{key_of(seed, offset), threshold_of(dropout_p)};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_rows_forward", [&] {
     with_rank(s.r, [&](auto rank) {
       forward_rows<scalar_t, decltype(rank)::value>(
-          x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), bt.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-          hidden.data_ptr<scalar_t>(), s, drop, map, static_cast<scalar_t>(keep_scale_of(drop.threshold)),
+          x.data_ptr<scalar_t>(), pass.a.data_ptr<scalar_t>(), pass.bt.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+          hidden.data_ptr<scalar_t>(), s, pass.drop, pass.map, static_cast<scalar_t>(keep_scale_of(pass.drop.threshold)),
           static_cast<scalar_t>(scaling));
     });
   });
@@ -386,26 +400,23 @@ std::tuple<at::Tensor, at::Tensor> lora_rows_backward(const at::Tensor& grad_y, 
                                                       const at::Tensor& lora_b, const at::Tensor& hidden, at::Tensor grad_x,
                                                       int64_t seed, int64_t offset, double dropout_p, double scaling,
                                                       const c10::optional<at::Tensor>& units, int64_t rows_per_unit) {
-  check_rows_inputs(x, lora_a, lora_b);
+  const Pass pass = prepare_pass(x, lora_a, lora_b, units, rows_per_unit, seed, offset, dropout_p);
+  const Shape& s = pass.s;
   const int64_t r = lora_a.size(0);
-  const auto [n, map] = rows_of(x, units, rows_per_unit);
-  const Shape s{n, x.size(1), lora_b.size(0), padded_rank(r)};
   TORCH_CHECK(grad_y.is_contiguous() && grad_y.size(0) == x.size(0) && grad_y.size(1) == s.d, "lora_rows_backward: grad_y must be contiguous [N, D]");
   TORCH_CHECK(hidden.size(0) == s.n && hidden.size(1) == r, "lora_rows_backward: hidden must be [n, r]");
   const bool with_grad_x = grad_x.numel() > 0;
   TORCH_CHECK(!with_grad_x || (grad_x.is_contiguous() && grad_x.size(0) == x.size(0) && grad_x.size(1) == s.k),
               "lora_rows_backward: grad_x must be contiguous [N, K] or empty");
-  const at::Tensor a = pad_rows(lora_a, s.r), bt = pad_rows(lora_b.t(), s.r);
   const at::Tensor hidden_padded = pad_rows(hidden.t(), s.r).t().contiguous();  // [N, R]
   at::Tensor grad_a = at::zeros({s.r, s.k}, x.options());
   at::Tensor grad_bt = at::zeros({s.r, s.d}, x.options());
-  const Dropout drop{key_of(seed, offset), threshold_of(dropout_p)};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_rows_backward", [&] {
     with_rank(s.r, [&](auto rank) {
       backward_rows<scalar_t, decltype(rank)::value>(
-          grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), bt.data_ptr<scalar_t>(),
+          grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pass.a.data_ptr<scalar_t>(), pass.bt.data_ptr<scalar_t>(),
           hidden_padded.data_ptr<scalar_t>(), with_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr, grad_a.data_ptr<scalar_t>(),
-          grad_bt.data_ptr<scalar_t>(), s, drop, map, static_cast<scalar_t>(scaling * keep_scale_of(drop.threshold)),
+          grad_bt.data_ptr<scalar_t>(), s, pass.drop, pass.map, static_cast<scalar_t>(scaling * keep_scale_of(pass.drop.threshold)),
           static_cast<scalar_t>(scaling));
     });
   });

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_peft.ops.dropout_mask import encode_hash_key, is_hash_key
+from lightning_peft.ops.dropout_mask import decode_hash_key, encode_hash_key, is_hash_key
 from lightning_peft.ops.kernel_loader import ENV_NO_JIT, KernelLoader, env_true, raise_if_stale
 from lightning_peft.ops.lora_linear import (
     _check_inputs,
@@ -54,6 +54,7 @@ __all__ = [
     "is_available",
     "jit_build",
     "kernels_cover",
+    "rng_key",
     "load",
     "set_force_fallback",
     "source_file",
@@ -176,11 +177,12 @@ def draws_hashed_masks(x: Tensor, lora_a: Tensor) -> bool:
 
 def hashed_keep_mask(rng: Tensor, rows: int, cols: int, dropout_p: float) -> Tensor:
     """The kernels' keep mask ``bool [rows, cols]`` for key ``rng`` (``dropout_mask.hashed_keep_mask``, compiled)."""
-    seed, offset = _rng_key(rng)
+    seed, offset = rng_key(rng)
     return torch.ops.lightning_peft_cpu.lora_rows_keep_mask(seed, offset, rows, cols, dropout_p)
 
 
-def _rng_key(rng: Tensor) -> tuple[int, int]:
+def rng_key(rng: Tensor) -> tuple[int, int]:
+    """``(seed, offset)`` of an ``int64 [2]`` rng tensor, as Python ints (the kernels' arguments)."""
     seed, offset = rng.tolist()
     return int(seed), int(offset)
 
@@ -206,7 +208,7 @@ def _forward_cpu(
     else:
         y = bias.expand(n, d).clone() if add_bias else x2.new_zeros((n, d))
     dropout = _dropout_active(dropout_p, training)
-    seed, offset = _rng_key(rng) if dropout else (0, 0)
+    seed, offset = rng_key(rng) if dropout else (0, 0)
     hidden = torch.ops.lightning_peft_cpu.lora_rows_forward(x2, lora_a, lora_b, y, seed, offset, dropout_p if dropout else 0.0, scaling)
     if scale_output:
         y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
@@ -237,7 +239,7 @@ def _backward_cpu(
         grad_x = torch.mm(g2, weight)
     else:
         grad_x = x2.new_zeros((n, k))
-    seed, offset = (int(v) for v in mask[1:].clone().view(torch.int64).tolist()) if hashed else (0, 0)
+    seed, offset = decode_hash_key(mask) if hashed else (0, 0)
     grad_a, grad_b = torch.ops.lightning_peft_cpu.lora_rows_backward(
         g2, x2, lora_a, lora_b, lora_hidden.contiguous(), grad_x, seed, offset, dropout_p if hashed else 0.0, scaling
     )

@@ -33,6 +33,7 @@ __all__ = [
     "encode_drop_positions",
     "decode_drop_positions",
     "encode_hash_key",
+    "decode_hash_key",
     "hashed_keep_mask",
     "is_hash_key",
     "pack_mask",
@@ -158,7 +159,7 @@ def encode_drop_positions(increments: Tensor, numel: int, rng: Tensor) -> Tensor
 def decode_drop_positions(encoded: Tensor, numel: int, p: float) -> Tensor:
     """Inverse of :func:`encode_drop_positions` and :func:`encode_hash_key`: the sorted ``int64 [n_dropped]`` drop positions."""
     if int(encoded[0]) == _HASH_KEY:
-        seed, offset = encoded[1:].clone().view(torch.int64).tolist()
+        seed, offset = decode_hash_key(encoded)
         if hasattr(torch.ops, "lightning_peft_cpu") and hasattr(torch.ops.lightning_peft_cpu, "lora_rows_keep_mask"):
             keep = torch.ops.lightning_peft_cpu.lora_rows_keep_mask(seed, offset, 1, numel, p)  # compiled: same bits, faster
         else:
@@ -176,6 +177,12 @@ def encode_hash_key(rng: Tensor) -> Tensor:
     encoded[0] = _HASH_KEY
     encoded[1:] = rng.to(dtype=torch.int64, copy=True).view(torch.uint8)
     return encoded
+
+
+def decode_hash_key(encoded: Tensor) -> tuple[int, int]:
+    """The ``(seed, offset)`` of an :func:`encode_hash_key` key."""
+    seed, offset = encoded[1:].clone().view(torch.int64).tolist()  # clone: aligned for the view
+    return int(seed), int(offset)
 
 
 def is_hash_key(mask: Tensor) -> bool:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lightning_peft.ops import cpu_backend
 from lightning_peft.ops import lora_grouped as grouped
-from lightning_peft.ops.dropout_mask import encode_hash_key, is_hash_key
+from lightning_peft.ops.dropout_mask import decode_hash_key, encode_hash_key, is_hash_key
 
 __all__ = ["kernels_cover"]
 
@@ -49,11 +49,6 @@ def kernels_cover(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], l
 
 
 MIN_UNIT_TOKENS = 16  # units of fewer tokens (per-token indices) take the PyTorch forms
-
-
-def _rng_key(rng: Tensor) -> tuple[int, int]:
-    seed, offset = rng.tolist()
-    return int(seed), int(offset)
 
 
 def _units_by_adapter(order: Tensor, offsets: Tensor, n: int) -> List[Tensor]:
@@ -89,7 +84,7 @@ def _forward_cpu(
     for j, units in enumerate(_units_by_adapter(order, offsets, n)):
         if units.numel() == 0:
             continue
-        seed, offset = _rng_key(rngs[j]) if active[j] else (0, 0)
+        seed, offset = cpu_backend.rng_key(rngs[j]) if active[j] else (0, 0)
         hidden[bounds[j] : bounds[j + 1], : lora_as[j].shape[0]] = torch.ops.lightning_peft_cpu.lora_rows_forward(
             x2, lora_as[j], lora_bs[j], y, seed, offset, dropout_ps[j] if active[j] else 0.0, scalings[j], units, t
         )
@@ -147,7 +142,7 @@ def _backward_cpu(
             grad_as.append(torch.zeros_like(a))
             grad_bs.append(torch.zeros_like(b))
             continue
-        seed, offset = (int(v) for v in keys[j][1:].clone().view(torch.int64).tolist()) if keys[j] is not None else (0, 0)
+        seed, offset = decode_hash_key(keys[j]) if keys[j] is not None else (0, 0)
         grad_a, grad_b = torch.ops.lightning_peft_cpu.lora_rows_backward(
             g2, x2, a, b, hidden[bounds[j] : bounds[j + 1], : a.shape[0]].contiguous(), grad_x, seed, offset,
             dropout_ps[j] if keys[j] is not None else 0.0, scalings[j], units, t,
