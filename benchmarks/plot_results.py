@@ -139,7 +139,9 @@ def plot_cpu(saved: dict, out_png: str) -> None:
                 label = f"{row['x_floor']:.2f}× floor" if "x_floor" in row else ""
                 if "x_peft" in row:
                     label += f"\n{row['x_peft']:.2f}× peft"
-                ax.text(xs[-1], heights[-1], label, ha="center", va="bottom", fontsize=8)
+                # inside the bar, upright: three bars per setting leave no room for labels side by side
+                ax.text(xs[-1], heights[-1] / 2, label.replace("\n", "   "), ha="center", va="center", fontsize=8,
+                        rotation=90, color="white" if impl != "ourspy" else "black")
         ax.bar(xs, heights, width, color=color, label=name)
     if "floor" in rows:
         floor = rows["floor"]["median_step_s"]
