@@ -34,14 +34,14 @@ import torch
 from torch import Tensor
 
 from lightning_peft.ops.dropout_mask import decode_hash_key, encode_hash_key, is_hash_key
-from lightning_peft.ops.kernel_loader import ENV_NO_JIT, KernelLoader, env_true, raise_if_stale
+from lightning_peft.ops.kernel_loader import ENV_NO_JIT, KernelLoader, env_true, jit_load, ops_registered
 from lightning_peft.ops.lora_linear import (
     _check_inputs,
     _check_scale,
     _dropout_active,
-    _folds_scale,
+    _fold_scale_backward,
+    _fold_scale_forward,
     _out_features,
-    _scaled_rows,
     backward_pytorch,
     forward_pytorch,
     lora_linear_backward,
@@ -49,14 +49,16 @@ from lightning_peft.ops.lora_linear import (
 )
 
 __all__ = [
+    "base_grad_x",
+    "base_output",
     "draws_hashed_masks",
     "force_fallback",
     "hashed_keep_mask",
     "is_available",
     "jit_build",
     "kernels_cover",
-    "rng_key",
     "load",
+    "rng_key",
     "set_force_fallback",
     "source_file",
     "status",
@@ -104,29 +106,15 @@ def jit_build(build_directory: Optional[str] = None, verbose: bool = False) -> s
     Raises:
         RuntimeError: the source is not shipped, or the compiler failed.
     """
-    cpp_extension = _cpp_extension()
-
     source = source_file()
     if source is None:
         raise RuntimeError("the CPU kernel source (csrc/cpu/lora_rows.cpp) is not shipped with this installation")
-    if build_directory is not None:
-        os.makedirs(build_directory, exist_ok=True)
-    directory = build_directory or cpp_extension._get_build_directory(_JIT_NAME, verbose=False)
-    raise_if_stale(directory)
-    cpp_extension.load(
-        name=_JIT_NAME,
-        sources=[source],
-        extra_cflags=_compile_flags(),
-        extra_ldflags=["-fopenmp"],
-        build_directory=build_directory,
-        is_python_module=False,
-        verbose=verbose,
-    )
-    return directory
+    _cpp_extension()  # imported once without its CUDA warning
+    return jit_load(_JIT_NAME, [source], build_directory, verbose, extra_cflags=_compile_flags(), extra_ldflags=["-fopenmp"])
 
 
 def _ops_registered() -> bool:
-    return hasattr(torch.ops, "lightning_peft_cpu") and hasattr(torch.ops.lightning_peft_cpu, "lora_rows_forward")
+    return ops_registered("lightning_peft_cpu", "lora_rows_forward")
 
 
 def _try_load(verbose: bool) -> tuple[bool, Optional[str], str]:
@@ -182,6 +170,22 @@ def hashed_keep_mask(rng: Tensor, rows: int, cols: int, dropout_p: float) -> Ten
     return torch.ops.lightning_peft_cpu.lora_rows_keep_mask(seed, offset, rows, cols, dropout_p)
 
 
+def base_output(x2: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], d: int) -> Tensor:
+    """``x2 Wᵀ + b`` ``[N, D]`` (terms that are None left out), a fresh tensor the kernels add LoRA terms to in place."""
+    n = x2.shape[0]
+    if weight is not None:
+        return torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    return bias.expand(n, d).clone() if bias is not None else x2.new_zeros((n, d))
+
+
+def base_grad_x(g2: Tensor, weight: Optional[Tensor], k: int, compute_grad_x: bool) -> Tensor:
+    """``g2 W`` ``[N, K]`` (zeros without a base weight), a fresh tensor the kernels add LoRA parts to
+    in place; ``[0]`` when no input gradient is wanted (the kernels then skip it)."""
+    if not compute_grad_x:
+        return g2.new_empty((0,))
+    return torch.mm(g2, weight) if weight is not None else g2.new_zeros((g2.shape[0], k))
+
+
 def rng_key(rng: Tensor) -> tuple[int, int]:
     """``(seed, offset)`` of an ``int64 [2]`` rng tensor, as Python ints (the kernels' arguments)."""
     seed, offset = rng.tolist()
@@ -199,20 +203,13 @@ def _forward_cpu(
     k, d = x.shape[-1], _out_features(weight, lora_b)
     _check_scale(scale, d)
     x2 = x.reshape(-1, k).contiguous()  # [N, K]
-    n = x2.shape[0]
-    scale_output = scale is not None and not _folds_scale(n, k)
-    if scale is not None and not scale_output:  # scale ⊙ (x Wᵀ + s h Bᵀ) = x (scale ⊙ W)ᵀ + s h (scale ⊙ B)ᵀ
-        weight, lora_b = _scaled_rows(weight, scale), _scaled_rows(lora_b, scale)
-    add_bias = bias is not None and not scale_output
-    if weight is not None:  # y starts as the base output; the kernel adds the LoRA term in place
-        y = torch.addmm(bias, x2, weight.t()) if add_bias else torch.mm(x2, weight.t())
-    else:
-        y = bias.expand(n, d).clone() if add_bias else x2.new_zeros((n, d))
+    weight, lora_b, output_scale = _fold_scale_forward(x2.shape[0], k, weight, lora_b, scale)
+    y = base_output(x2, weight, bias if output_scale is None else None, d)  # the kernel adds the LoRA term in place
     dropout = _dropout_active(dropout_p, training)
     seed, offset = rng_key(rng) if dropout else (0, 0)
     hidden = torch.ops.lightning_peft_cpu.lora_rows_forward(x2, lora_a, lora_b, y, seed, offset, dropout_p if dropout else 0.0, scaling)
-    if scale_output:
-        y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
+    if output_scale is not None:
+        y = y.mul_(output_scale) if bias is None else torch.addcmul(bias, y, output_scale)
     mask = encode_hash_key(rng) if dropout else x.new_empty((0,), dtype=torch.uint8)
     return y.view(*x.shape[:-1], d), hidden, mask
 
@@ -228,18 +225,8 @@ def _backward_cpu(
     n, k, d = lora_hidden.shape[0], x.shape[-1], lora_b.shape[0]
     _check_scale(scale, d)
     x2 = x.reshape(-1, k).contiguous()  # [N, K]
-    g2 = grad_y.reshape(-1, d).contiguous()  # [N, D]
-    b_scale: Optional[Tensor] = None  # what grad_b's rows still need multiplying by
-    if scale is not None and _folds_scale(n, k):  # as in forward: scale ⊙ W, scale ⊙ B
-        weight, lora_b, b_scale = _scaled_rows(weight, scale), _scaled_rows(lora_b, scale), scale
-    elif scale is not None:  # the scaled output gradient carries the scale into every product
-        g2 = g2 * scale
-    if not compute_grad_x:
-        grad_x = x2.new_empty((0,))
-    elif weight is not None:  # grad_x starts as the base part; the kernel adds the LoRA part in place
-        grad_x = torch.mm(g2, weight)
-    else:
-        grad_x = x2.new_zeros((n, k))
+    g2, weight, lora_b, b_scale = _fold_scale_backward(n, k, grad_y.reshape(-1, d).contiguous(), weight, lora_b, scale)
+    grad_x = base_grad_x(g2, weight, k, compute_grad_x)  # the kernel adds the LoRA part in place
     seed, offset = decode_hash_key(mask) if hashed else (0, 0)
     grad_a, grad_b = torch.ops.lightning_peft_cpu.lora_rows_backward(
         g2, x2, lora_a, lora_b, lora_hidden.contiguous(), grad_x, seed, offset, dropout_p if hashed else 0.0, scaling

@@ -47,7 +47,8 @@ from lightning_peft.ops.kernel_loader import (
     ENV_NO_JIT,
     KernelLoader,
     env_true,
-    raise_if_stale,
+    jit_load,
+    ops_registered,
     stale_jit_lock,
 )
 from lightning_peft.ops.lora_linear import (
@@ -121,25 +122,14 @@ def jit_build(build_directory: Optional[str] = None, verbose: bool = False) -> s
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("no CUDA toolkit found (set CUDA_HOME)")
     kwargs = extension_kwargs()
-    if build_directory is not None:
-        os.makedirs(build_directory, exist_ok=True)
-    directory = build_directory or cpp_extension._get_build_directory(_JIT_NAME, verbose=False)
-    raise_if_stale(directory)
-    cpp_extension.load(
-        name=_JIT_NAME,
-        sources=sources,
-        extra_cflags=kwargs["extra_compile_args"]["cxx"],
-        extra_cuda_cflags=kwargs["extra_compile_args"]["nvcc"],
-        extra_include_paths=kwargs["include_dirs"],
-        build_directory=build_directory,
-        is_python_module=False,
-        verbose=verbose,
+    return jit_load(
+        _JIT_NAME, sources, build_directory, verbose, extra_cflags=kwargs["extra_compile_args"]["cxx"],
+        extra_cuda_cflags=kwargs["extra_compile_args"]["nvcc"], extra_include_paths=kwargs["include_dirs"],
     )
-    return directory
 
 
 def _ops_registered() -> bool:
-    return hasattr(torch.ops, "lightning_peft_cuda") and hasattr(torch.ops.lightning_peft_cuda, "lora_forward")
+    return ops_registered("lightning_peft_cuda", "lora_forward")
 
 
 def _try_load_cuda(verbose: bool) -> tuple[bool, Optional[str], str]:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_peft.ops.kernel_loader import ops_registered
+
 __all__ = [
     "quantized_drop_probability",
     "drop_threshold",
@@ -160,7 +162,7 @@ def decode_drop_positions(encoded: Tensor, numel: int, p: float) -> Tensor:
     """Inverse of :func:`encode_drop_positions` and :func:`encode_hash_key`: the sorted ``int64 [n_dropped]`` drop positions."""
     if int(encoded[0]) == _HASH_KEY:
         seed, offset = decode_hash_key(encoded)
-        if hasattr(torch.ops, "lightning_peft_cpu") and hasattr(torch.ops.lightning_peft_cpu, "lora_rows_keep_mask"):
+        if ops_registered("lightning_peft_cpu", "lora_rows_keep_mask"):
             keep = torch.ops.lightning_peft_cpu.lora_rows_keep_mask(seed, offset, 1, numel, p)  # compiled: same bits, faster
         else:
             keep = hashed_keep_mask(seed, offset, 1, numel, p)

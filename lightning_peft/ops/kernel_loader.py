@@ -15,7 +15,9 @@ import time
 import warnings
 from typing import Callable, Iterator, Optional
 
-__all__ = ["ENV_FORCE_FALLBACK", "ENV_JIT_STALE_S", "ENV_NO_JIT", "KernelLoader", "env_true", "stale_jit_lock"]
+import torch
+
+__all__ = ["ENV_FORCE_FALLBACK", "ENV_JIT_STALE_S", "ENV_NO_JIT", "KernelLoader", "env_true", "ops_registered", "jit_load", "raise_if_stale", "stale_jit_lock"]
 
 ENV_FORCE_FALLBACK = "LIGHTNING_PEFT_FORCE_FALLBACK"
 ENV_NO_JIT = "LIGHTNING_PEFT_NO_JIT"
@@ -23,6 +25,11 @@ ENV_JIT_STALE_S = "LIGHTNING_PEFT_JIT_STALE_S"
 
 # try_load(verbose) -> (available, source, reason); source: "prebuilt" | "jit" | "preloaded" | None
 TryLoad = Callable[[bool], "tuple[bool, Optional[str], str]"]
+
+
+def ops_registered(namespace: str, op: str) -> bool:
+    """Whether ``torch.ops.<namespace>.<op>`` exists (a library's ops register when it loads)."""
+    return hasattr(torch.ops, namespace) and hasattr(getattr(torch.ops, namespace), op)
 
 
 def env_true(name: str) -> bool:
@@ -140,3 +147,20 @@ def raise_if_stale(build_directory: str) -> None:
             f"stale JIT build lock {stale}: an earlier build was killed and nothing there changed for "
             f"{os.environ.get(ENV_JIT_STALE_S, '600')} s; if no build is running, delete it (rm {stale}) and retry"
         )
+
+
+def jit_load(name: str, sources: list[str], build_directory: Optional[str], verbose: bool, **load_kwargs) -> str:
+    """Compile ``sources`` with ninja into ``build_directory`` (default: torch's extensions cache for
+    ``name``) and load the library, refusing a stale lock first; returns the build directory.
+
+    ``load_kwargs`` go to ``torch.utils.cpp_extension.load`` (flags, include paths); the library
+    registers its ops itself (``is_python_module=False``).
+    """
+    from torch.utils import cpp_extension
+
+    if build_directory is not None:
+        os.makedirs(build_directory, exist_ok=True)
+    directory = build_directory or cpp_extension._get_build_directory(name, verbose=False)
+    raise_if_stale(directory)
+    cpp_extension.load(name=name, sources=sources, build_directory=build_directory, is_python_module=False, verbose=verbose, **load_kwargs)
+    return directory

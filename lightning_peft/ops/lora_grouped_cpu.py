@@ -62,10 +62,12 @@ def _forward_cpu(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_as: List[Tensor], lora_bs: List[Tensor],
     rngs: List[Tensor], adapter_index: Tensor, scalings: List[float], dropout_ps: List[float], training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grouped._check_inputs(x, weight, bias, lora_as, lora_bs, rngs, adapter_index, scalings, dropout_ps)
     active = [grouped._dropout_active(p, training) for p in dropout_ps]
+    if not any(active):  # the common inference case: straight to the PyTorch forms, which check the inputs
+        return grouped.forward_pytorch(x, weight, bias, lora_as, lora_bs, rngs, adapter_index, scalings, dropout_ps, training)
+    grouped._check_inputs(x, weight, bias, lora_as, lora_bs, rngs, adapter_index, scalings, dropout_ps)
     tokens_per_unit = grouped.units_of(adapter_index, x.shape[:-1])[1]
-    if not any(active) or tokens_per_unit < MIN_UNIT_TOKENS or not kernels_cover(x, weight, bias, lora_as, lora_bs):
+    if tokens_per_unit < MIN_UNIT_TOKENS or not kernels_cover(x, weight, bias, lora_as, lora_bs):
         return grouped.forward_pytorch(x, weight, bias, lora_as, lora_bs, rngs, adapter_index, scalings, dropout_ps, training)
     n = len(lora_as)
     k, d = x.shape[-1], grouped._out_features(weight, lora_bs, bias)
@@ -75,10 +77,7 @@ def _forward_cpu(
     order, offsets = grouped.segments(adapter_index, n)
     hidden = x2.new_zeros((n_tokens, max(a.shape[0] for a in lora_as)))  # adapter order, as the PyTorch path
     mask_sizes = torch.zeros((n,), dtype=torch.int64)
-    if weight is not None:  # the base output of every row first; the kernels add each unit's LoRA term
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-    else:
-        y = bias.expand(n_tokens, d).clone() if bias is not None else x2.new_zeros((n_tokens, d))
+    y = cpu_backend.base_output(x2, weight, bias, d)  # every row's base output; the kernels add each adapter's term
     keys: List[Tensor] = []
     bounds = [b * t for b in offsets.tolist()]  # adapter j's rows of hidden (adapter order)
     for j, units in enumerate(_units_by_adapter(order, offsets, n)):
@@ -117,8 +116,7 @@ def _backward_cpu(
     compute_grad_x: bool,
 ) -> tuple[Tensor, List[Tensor], List[Tensor]]:
     k, d = x.shape[-1], grad_y.shape[-1]
-    x2 = x.reshape(-1, k).contiguous()  # [N, K]
-    n_tokens = x2.shape[0]
+    n_tokens = x.numel() // k
     t = n_tokens // order.shape[0] if order.shape[0] else 0
     bounds = [b * t for b in offsets.tolist()]
     keys = _hashed_keys(mask, mask_sizes, bounds, dropout_ps)
@@ -127,13 +125,9 @@ def _backward_cpu(
         return grouped.backward_pytorch(
             grad_y, x, weight, lora_as, lora_bs, hidden, order, offsets, mask, mask_sizes, scalings, dropout_ps, compute_grad_x
         )
+    x2 = x.reshape(-1, k).contiguous()  # [N, K]
     g2 = grad_y.reshape(-1, d).contiguous()  # [N, D]
-    if not compute_grad_x:
-        grad_x = x2.new_empty((0,))
-    elif weight is not None:  # the base part of every row; the kernels add each unit's LoRA part
-        grad_x = torch.mm(g2, weight)
-    else:
-        grad_x = x2.new_zeros((n_tokens, k))
+    grad_x = cpu_backend.base_grad_x(g2, weight, k, compute_grad_x)  # the kernels add each adapter's part
     grad_as: List[Tensor] = []
     grad_bs: List[Tensor] = []
     for j, units in enumerate(_units_by_adapter(order, offsets, len(lora_as))):

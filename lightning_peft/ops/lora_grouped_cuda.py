@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lightning_peft.ops import cuda_backend
 from lightning_peft.ops import lora_grouped as grouped
+from lightning_peft.ops.kernel_loader import ops_registered
 
 __all__ = ["MAX_ADAPTERS", "kernels_cover"]
 
@@ -35,7 +36,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _ops_built() -> bool:
-    return hasattr(torch.ops, "lightning_peft_cuda") and hasattr(torch.ops.lightning_peft_cuda, "lora_grouped_forward")
+    return ops_registered("lightning_peft_cuda", "lora_grouped_forward")
 
 
 def kernels_cover(x: Tensor, lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor]) -> bool:

@@ -117,6 +117,30 @@ def _scaled_rows(t: Optional[Tensor], scale: Tensor) -> Optional[Tensor]:
     return None if t is None else t * scale.unsqueeze(1)
 
 
+def _fold_scale_forward(
+    n: int, k: int, weight: Optional[Tensor], lora_b: Tensor, scale: Optional[Tensor]
+) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+    """``(weight, lora_b, output_scale)`` for a forward with DoRA's ``scale``: folded into W's and B's
+    rows (``scale ⊙ (x Wᵀ + s h Bᵀ) = x (scale ⊙ W)ᵀ + s h (scale ⊙ B)ᵀ``, output_scale None), or left
+    for the caller to apply to the output (output_scale = scale) when that touches fewer elements."""
+    if scale is None or not _folds_scale(n, k):
+        return weight, lora_b, scale
+    return _scaled_rows(weight, scale), _scaled_rows(lora_b, scale), None
+
+
+def _fold_scale_backward(
+    n: int, k: int, g2: Tensor, weight: Optional[Tensor], lora_b: Tensor, scale: Optional[Tensor]
+) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+    """``(g2, weight, lora_b, b_scale)`` for a backward with DoRA's ``scale``, as its forward folded it:
+    into W's and B's rows (grad_b's rows then still need multiplying by ``b_scale``), or into the
+    output gradient ``g2 ⊙ scale``, which then carries it into every product."""
+    if scale is None:
+        return g2, weight, lora_b, None
+    if _folds_scale(n, k):
+        return g2, _scaled_rows(weight, scale), _scaled_rows(lora_b, scale), scale
+    return g2 * scale, weight, lora_b, None
+
+
 def _uses_drop_positions(device: torch.device) -> bool:
     """Whether the op on ``device`` draws CPU drop positions (True) or Philox packed keep-bits.
 
@@ -193,9 +217,7 @@ def forward_pytorch(
     k, d = x.shape[-1], _out_features(weight, lora_b)
     _check_scale(scale, d)
     x2 = x.reshape(-1, k)  # [N, K]
-    scale_output = scale is not None and not _folds_scale(x2.shape[0], k)
-    if scale is not None and not scale_output:  # scale ⊙ (x Wᵀ + s h Bᵀ) = x (scale ⊙ W)ᵀ + s h (scale ⊙ B)ᵀ
-        weight, lora_b = _scaled_rows(weight, scale), _scaled_rows(lora_b, scale)
+    weight, lora_b, output_scale = _fold_scale_forward(x2.shape[0], k, weight, lora_b, scale)
     if _dropout_active(dropout_p, training):
         hidden, mask = _dropout_hidden(x2, lora_a, dropout_p, rng)
     else:
@@ -204,14 +226,14 @@ def forward_pytorch(
     # The small LoRA product first, then the base GEMM accumulates onto it (beta = 1 inside the
     # GEMM): one write of y instead of a write plus a read-modify-write pass for the LoRA term.
     scaled_hidden = hidden * scaling  # [N, r]
-    if bias is None or scale_output:
+    if bias is None or output_scale is not None:
         y = torch.mm(scaled_hidden, lora_b.t())  # [N, D]
     else:
         y = torch.addmm(bias, scaled_hidden, lora_b.t())
     if weight is not None:
         y.addmm_(x2, weight.t())
-    if scale_output:
-        y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
+    if output_scale is not None:
+        y = y.mul_(output_scale) if bias is None else torch.addcmul(bias, y, output_scale)
     return y.view(*x.shape[:-1], d), hidden, mask
 
 
@@ -249,12 +271,7 @@ def backward_pytorch(
     n, k, d = lora_hidden.shape[0], x.shape[-1], lora_b.shape[0]
     _check_scale(scale, d)
     x2 = x.reshape(-1, k)  # [N, K]
-    g2 = grad_y.reshape(-1, d)  # [N, D]
-    b_scale: Optional[Tensor] = None  # what grad_b's rows still need multiplying by
-    if scale is not None and _folds_scale(n, k):  # as in forward: scale ⊙ W, scale ⊙ B
-        weight, lora_b, b_scale = _scaled_rows(weight, scale), _scaled_rows(lora_b, scale), scale
-    elif scale is not None:  # the scaled output gradient carries the scale into every product
-        g2 = g2 * scale
+    g2, weight, lora_b, b_scale = _fold_scale_backward(n, k, grad_y.reshape(-1, d), weight, lora_b, scale)
     # (hiddenᵀ g)ᵀ: the [r, N] x [N, D] orientation is ~3x faster on CPU BLAS than gᵀ hidden.
     grad_b_t = torch.mm(lora_hidden.t(), g2)  # [r, D]
     grad_b_t = grad_b_t.mul_(scaling) if b_scale is None else grad_b_t.mul_(b_scale * scaling)
