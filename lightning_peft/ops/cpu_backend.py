@@ -18,7 +18,7 @@ targets the CPU it runs on (``-march=native`` on x86-64), which is why it is not
 
 Measured (`python benchmarks/bench_cpu_lora.py --rounds 4`, 2 threads, AMD EPYC; benchmarks/README.md):
 the all-linear r=8 p=0.1 training step of the benchmark's 4-layer Llama takes 1.05x the frozen
-floor with the kernels against 1.13x on the PyTorch path (0.77x against 0.82x peft's step).
+floor with the kernels against 1.10-1.13x on the PyTorch path (0.78x against 0.81-0.82x peft's step).
 """
 
 from __future__ import annotations
